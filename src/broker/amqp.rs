@@ -1,0 +1,759 @@
+//! AMQP (RabbitMQ / Pulse) with lapin: one connection per process, one queue and one
+//! consumer per exchange in use, one broker binding per distinct pattern.
+//!
+//! Shape:
+//! - a **supervisor** task owns the connection: it connects with capped, jittered
+//!   exponential backoff, publishes the live connection (with a generation number) on a
+//!   `watch` channel, and notices when it dies. lapin's own auto-recovery is not used
+//!   (see DEPENDENCIES.md): we rebuild everything from the [`Topology`] instead;
+//! - one **reconciler** task per exchange in use makes the broker match
+//!   [`Topology::wanted`]: declares the queue (client-named, non-exclusive, `x-expires`,
+//!   `x-max-length`), binds and unbinds patterns, and deletes the queue when nothing is
+//!   wanted any more. Each reconciler uses channels of its own, so a missing exchange
+//!   (404 closes the channel) fails only the subscriptions that asked for it. After a
+//!   lost connection it re-declares the same queue and re-binds every wanted pattern;
+//! - one **consumer** task per queue hands each delivery to [`Topology::deliver`] and acks
+//!   in batches (`multiple`), at most `prefetch` messages in flight.
+//!
+//! Invariants: broker objects grow with the exchanges and patterns in use, never with the
+//! number of clients; a reconciler exits only after its queue is deleted, and only while
+//! holding the actors lock with nothing wanted, so a new subscription either finds it alive
+//! or starts a new one. The password is never logged: only host, port and vhost are.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures_util::{FutureExt, StreamExt, future::join_all};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer, Event, ExchangeKind};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::Reconcile;
+use crate::message::Incoming;
+use crate::metrics::Metrics;
+use crate::topology::{BindError, BindState, Topology};
+
+/// Deliveries acknowledged at once (with `multiple`) when more are waiting.
+const ACK_BATCH: u64 = 64;
+/// How long one attempt to connect may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Backoff between connection attempts: doubles from the first to the cap, ±50 % jitter.
+const BACKOFF_FIRST: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// A reconciler whose broker operation failed for a transient reason retries after this.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Broker operations (declare, bind, …) that take longer are treated as failed.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Everything the AMQP side needs to know. `Debug` hides the password.
+#[derive(Clone)]
+pub struct AmqpSettings {
+    pub uri: AMQPUri,
+    /// Queues are named `<queue_prefix>/<instance>/<exchange>`.
+    pub queue_prefix: String,
+    pub prefetch: u16,
+    pub queue_max_length: u32,
+    pub queue_expires: Duration,
+}
+
+impl std::fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("endpoint", &endpoint(&self.uri))
+            .field("queue_prefix", &self.queue_prefix)
+            .field("prefetch", &self.prefetch)
+            .field("queue_max_length", &self.queue_max_length)
+            .field("queue_expires", &self.queue_expires)
+            .finish()
+    }
+}
+
+/// `amqps://host:port/vhost` without credentials, for logs and health details.
+pub fn endpoint(uri: &AMQPUri) -> String {
+    let scheme = match uri.scheme {
+        lapin::uri::AMQPScheme::AMQP => "amqp",
+        lapin::uri::AMQPScheme::AMQPS => "amqps",
+    };
+    format!(
+        "{scheme}://{}:{}/{}",
+        uri.authority.host,
+        uri.authority.port,
+        percent_encoding::utf8_percent_encode(&uri.vhost, percent_encoding::NON_ALPHANUMERIC)
+    )
+}
+
+#[derive(Clone)]
+struct Live {
+    generation: u64,
+    connection: Arc<Connection>,
+}
+
+/// The AMQP broker side. Create with [`AmqpBroker::start`].
+pub struct AmqpBroker {
+    settings: AmqpSettings,
+    /// Distinguishes this process's queues from other replicas' (they must not share one:
+    /// a shared queue would split the messages between replicas).
+    instance: String,
+    topology: Arc<Topology>,
+    metrics: Metrics,
+    live: watch::Sender<Option<Live>>,
+    /// Reconciler of each exchange in use. A std `Mutex`: held only for map updates.
+    actors: Mutex<HashMap<String, Arc<Notify>>>,
+    shutdown: CancellationToken,
+    myself: Weak<AmqpBroker>,
+}
+
+impl AmqpBroker {
+    /// Starts the connection supervisor; reconcilers start when bindings are wanted.
+    pub fn start(settings: AmqpSettings, topology: Arc<Topology>, metrics: Metrics) -> Arc<Self> {
+        let host = std::env::var("HOSTNAME").unwrap_or_default();
+        let rand = format!("{:08x}", fastrand::u32(..));
+        let instance = if host.is_empty() {
+            rand
+        } else {
+            format!("{}-{rand}", sanitize(&host))
+        };
+        let broker = Arc::new_cyclic(|myself| Self {
+            settings,
+            instance,
+            topology,
+            metrics,
+            live: watch::channel(None).0,
+            actors: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+            myself: myself.clone(),
+        });
+        tokio::spawn(broker.clone().supervise());
+        broker
+    }
+
+    /// Whether the AMQP connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.live.borrow().is_some()
+    }
+
+    /// Where we connect, without credentials.
+    pub fn endpoint(&self) -> String {
+        endpoint(&self.settings.uri)
+    }
+
+    /// Name of the queue this process uses for `exchange` (stable for the process's life).
+    pub fn queue_name(&self, exchange: &str) -> String {
+        let head = format!("{}/{}/", self.settings.queue_prefix, self.instance);
+        let room = 255usize.saturating_sub(head.len());
+        if exchange.len() <= room {
+            return format!("{head}{exchange}");
+        }
+        // Too long for AMQP: keep the end of the name (the most specific part) and a hash.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        exchange.hash(&mut h);
+        let tag = format!("{:016x}/", h.finish());
+        let keep = room.saturating_sub(tag.len());
+        let mut start = exchange.len() - keep;
+        while !exchange.is_char_boundary(start) {
+            start += 1;
+        }
+        format!("{head}{tag}{}", &exchange[start..])
+    }
+
+    /// Deletes this process's queues and closes the connection, waiting at most `within`.
+    pub async fn shutdown(&self, within: Duration) {
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + within;
+        while tokio::time::Instant::now() < deadline {
+            let idle = self.actors.lock().map(|a| a.is_empty()).unwrap_or(true);
+            if idle {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let live = self.live.borrow().clone();
+        if let Some(live) = live {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                live.connection
+                    .close(200, "events-gateway shutting down".into()),
+            )
+            .await;
+        }
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut generation = 0u64;
+        let mut attempt = 0u32;
+        let endpoint = self.endpoint();
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let mut uri = self.settings.uri.clone();
+            uri.query.heartbeat.get_or_insert(10);
+            let props = ConnectionProperties::default()
+                .with_connection_name(format!("events-gateway {}", self.instance).into());
+            match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect_uri(uri, props)).await {
+                Ok(Ok(connection)) => {
+                    attempt = 0;
+                    generation += 1;
+                    if generation > 1 {
+                        self.metrics.broker_reconnects.inc();
+                    }
+                    tracing::info!(%endpoint, generation, "broker connected");
+                    let mut events = connection.events_listener();
+                    let connection = Arc::new(connection);
+                    self.live.send_replace(Some(Live {
+                        generation,
+                        connection: connection.clone(),
+                    }));
+                    self.metrics.broker_connected.set(1);
+                    let mut check = tokio::time::interval(Duration::from_secs(1));
+                    let reason = loop {
+                        tokio::select! {
+                            event = events.next() => match event {
+                                Some(Event::Error(err)) => break err.to_string(),
+                                Some(_) => {}
+                                None => break "connection dropped".to_owned(),
+                            },
+                            _ = check.tick() => {
+                                if !connection.status().connected() {
+                                    break "connection closed".to_owned();
+                                }
+                            }
+                            () = self.shutdown.cancelled() => return,
+                        }
+                    };
+                    self.live.send_replace(None);
+                    self.metrics.broker_connected.set(0);
+                    tracing::warn!(%endpoint, %reason, "broker connection lost; reconnecting");
+                }
+                Ok(Err(err)) => {
+                    tracing::warn!(%endpoint, error = %err, attempt, "cannot connect to the broker");
+                }
+                Err(_) => {
+                    tracing::warn!(%endpoint, attempt, "timed out connecting to the broker");
+                }
+            }
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+}
+
+impl Reconcile for AmqpBroker {
+    fn exchange_changed(&self, exchange: &str) {
+        let mut actors = self.actors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(notify) = actors.get(exchange) {
+            notify.notify_one();
+            return;
+        }
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let Some(me) = self.myself.upgrade() else {
+            return;
+        };
+        let notify = Arc::new(Notify::new());
+        actors.insert(exchange.to_owned(), notify.clone());
+        let reconciler = Reconciler::new(me, exchange.to_owned(), notify);
+        tokio::spawn(reconciler.run());
+    }
+}
+
+/// Capped exponential backoff with ±50 % jitter.
+fn backoff(attempt: u32) -> Duration {
+    let base = BACKOFF_FIRST
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    base.mul_f64(0.5 + fastrand::f64())
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .take(63)
+        .collect()
+}
+
+/// Keeps one exchange's queue, bindings and consumer equal to what the topology wants.
+struct Reconciler {
+    broker: Arc<AmqpBroker>,
+    exchange: String,
+    queue: String,
+    notify: Arc<Notify>,
+    /// Connection generation our channels belong to (0: none).
+    generation: u64,
+    ops: Option<Channel>,
+    consumer: Option<(Channel, tokio::task::JoinHandle<()>)>,
+    /// Set by the consumer task when its stream ends (channel or connection lost, queue
+    /// deleted by someone else).
+    consumer_lost: Arc<AtomicBool>,
+    declared: bool,
+    bound: HashSet<String>,
+}
+
+/// How a broker refusal affects the subscriptions that asked.
+enum Step {
+    Done,
+    /// Transient failure (connection, timeout): retry later.
+    Retry(String),
+}
+
+impl Reconciler {
+    fn new(broker: Arc<AmqpBroker>, exchange: String, notify: Arc<Notify>) -> Self {
+        let queue = broker.queue_name(&exchange);
+        Self {
+            broker,
+            exchange,
+            queue,
+            notify,
+            generation: 0,
+            ops: None,
+            consumer: None,
+            consumer_lost: Arc::new(AtomicBool::new(false)),
+            declared: false,
+            bound: HashSet::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut live_rx = self.broker.live.subscribe();
+        loop {
+            if self.broker.shutdown.is_cancelled() {
+                self.delete_queue().await;
+                self.leave(true);
+                return;
+            }
+            let live = live_rx.borrow_and_update().clone();
+            let retry = match live {
+                Some(live) => match self.reconcile(&live).await {
+                    Step::Done => false,
+                    Step::Retry(reason) => {
+                        tracing::warn!(exchange = %self.exchange, %reason, "broker operation failed; will retry");
+                        self.forget_broker_state();
+                        true
+                    }
+                },
+                None => {
+                    self.forget_broker_state();
+                    false
+                }
+            };
+            if !self.declared && self.leave(false) {
+                return;
+            }
+            let wait_retry = async {
+                if retry {
+                    tokio::time::sleep(RETRY_AFTER).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            tokio::select! {
+                () = self.notify.notified() => {}
+                changed = live_rx.changed() => {
+                    if changed.is_err() { return; }
+                }
+                () = wait_retry => {}
+                () = self.broker.shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Removes this reconciler from the broker's map if nothing is wanted (or `force`).
+    /// Returns whether it did (the task must then end).
+    fn leave(&self, force: bool) -> bool {
+        let mut actors = self.broker.actors.lock().unwrap_or_else(|e| e.into_inner());
+        if force || self.broker.topology.wanted(&self.exchange).is_empty() {
+            actors.remove(&self.exchange);
+            return true;
+        }
+        false
+    }
+
+    /// After a lost connection or a failed operation nothing on the broker is assumed: the
+    /// queue is declared again (same name) and every wanted pattern bound again.
+    fn forget_broker_state(&mut self) {
+        if let Some((_, task)) = self.consumer.take() {
+            task.abort();
+        }
+        self.ops = None;
+        if self.declared {
+            self.broker.metrics.broker_queues.dec();
+        }
+        self.declared = false;
+        self.broker
+            .metrics
+            .broker_bindings
+            .sub(self.bound.len() as i64);
+        self.bound.clear();
+        self.generation = 0;
+        self.broker
+            .topology
+            .set_all(&self.exchange, BindState::Pending);
+    }
+
+    async fn reconcile(&mut self, live: &Live) -> Step {
+        if self.generation != live.generation || self.consumer_lost.swap(false, Ordering::AcqRel) {
+            if self.generation != 0 {
+                self.forget_broker_state();
+            }
+            self.generation = live.generation;
+        }
+        let wanted: HashSet<String> = self
+            .broker
+            .topology
+            .wanted(&self.exchange)
+            .into_iter()
+            .collect();
+        if wanted.is_empty() {
+            self.delete_queue().await;
+            return Step::Done;
+        }
+        let ops = match self.ops_channel(live).await {
+            Ok(ops) => ops,
+            Err(step) => return step,
+        };
+        if !self.declared {
+            match self.declare(&ops, live).await {
+                Ok(true) => {}
+                Ok(false) => return Step::Done,
+                Err(step) => return step,
+            }
+        }
+        let to_bind: Vec<String> = wanted.difference(&self.bound).cloned().collect();
+        let binds = to_bind.iter().map(|pattern| {
+            timed(ops.queue_bind(
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                pattern.as_str().into(),
+                Default::default(),
+                FieldTable::default(),
+            ))
+        });
+        let results = join_all(binds).await;
+        let mut retry = None;
+        for (pattern, result) in to_bind.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    self.bound.insert(pattern.clone());
+                    self.broker.metrics.broker_bindings.inc();
+                    self.broker
+                        .topology
+                        .set_state(&self.exchange, &pattern, BindState::Bound);
+                }
+                Err(err) => match refusal(&err, &self.exchange) {
+                    Some(refused) => {
+                        self.ops = None;
+                        self.broker.topology.set_state(
+                            &self.exchange,
+                            &pattern,
+                            BindState::Failed(refused),
+                        );
+                    }
+                    None => retry = Some(err.to_string()),
+                },
+            }
+        }
+        let to_unbind: Vec<String> = self.bound.difference(&wanted).cloned().collect();
+        if !to_unbind.is_empty() {
+            let Some(ops) = self.ops.clone() else {
+                return Step::Retry("channel closed".into());
+            };
+            let unbinds = to_unbind.iter().map(|pattern| {
+                timed(ops.queue_unbind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    pattern.as_str().into(),
+                    FieldTable::default(),
+                ))
+            });
+            for (pattern, result) in to_unbind.iter().zip(join_all(unbinds).await) {
+                match result {
+                    Ok(()) => {
+                        self.bound.remove(pattern);
+                        self.broker.metrics.broker_bindings.dec();
+                    }
+                    Err(err) => retry = Some(err.to_string()),
+                }
+            }
+        }
+        match retry {
+            Some(reason) => Step::Retry(reason),
+            None => Step::Done,
+        }
+    }
+
+    async fn ops_channel(&mut self, live: &Live) -> Result<Channel, Step> {
+        if let Some(ops) = &self.ops {
+            if ops.status().connected() {
+                return Ok(ops.clone());
+            }
+        }
+        let ops = timed(live.connection.create_channel())
+            .await
+            .map_err(|e| Step::Retry(e.to_string()))?;
+        self.ops = Some(ops.clone());
+        Ok(ops)
+    }
+
+    /// Checks the exchange exists, declares the queue and starts consuming. `Ok(false)`:
+    /// the broker refused (the subscriptions were told); nothing was left on the broker.
+    async fn declare(&mut self, ops: &Channel, live: &Live) -> Result<bool, Step> {
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let check = timed(ops.exchange_declare(
+            self.exchange.as_str().into(),
+            ExchangeKind::Topic,
+            passive,
+            FieldTable::default(),
+        ))
+        .await;
+        if let Err(err) = check {
+            return match refusal(&err, &self.exchange) {
+                Some(refused) => {
+                    self.ops = None;
+                    tracing::info!(exchange = %self.exchange, error = %refused, "binding refused");
+                    self.broker
+                        .topology
+                        .set_all(&self.exchange, BindState::Failed(refused));
+                    Ok(false)
+                }
+                None => Err(Step::Retry(err.to_string())),
+            };
+        }
+        let settings = &self.broker.settings;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(
+                settings
+                    .queue_expires
+                    .as_millis()
+                    .clamp(1, u32::MAX as u128) as u32,
+            ),
+        );
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongUInt(settings.queue_max_length),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        let options = QueueDeclareOptions {
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            ..Default::default()
+        };
+        if let Err(err) = timed(ops.queue_declare(self.queue.as_str().into(), options, args)).await
+        {
+            return match refusal(&err, &self.exchange) {
+                Some(refused) => {
+                    self.ops = None;
+                    self.broker
+                        .topology
+                        .set_all(&self.exchange, BindState::Failed(refused));
+                    Ok(false)
+                }
+                None => Err(Step::Retry(err.to_string())),
+            };
+        }
+        self.declared = true;
+        self.broker.metrics.broker_queues.inc();
+        self.start_consumer(live).await.map_err(Step::Retry)?;
+        Ok(true)
+    }
+
+    async fn start_consumer(&mut self, live: &Live) -> Result<(), String> {
+        let channel = timed(live.connection.create_channel())
+            .await
+            .map_err(|e| e.to_string())?;
+        timed(channel.basic_qos(self.broker.settings.prefetch, BasicQosOptions::default()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = timed(channel.basic_consume(
+            self.queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await
+        .map_err(|e| e.to_string())?;
+        self.consumer_lost.store(false, Ordering::Release);
+        let task = tokio::spawn(consume(
+            self.broker.topology.clone(),
+            self.exchange.clone(),
+            channel.clone(),
+            consumer,
+            self.consumer_lost.clone(),
+            self.notify.clone(),
+        ));
+        self.consumer = Some((channel, task));
+        Ok(())
+    }
+
+    /// Stops consuming and deletes the queue (its bindings go with it).
+    async fn delete_queue(&mut self) {
+        if !self.declared {
+            return;
+        }
+        if let Some((channel, task)) = self.consumer.take() {
+            task.abort();
+            let _ = timed(channel.close(200, "no longer needed".into())).await;
+        }
+        if let Some(ops) = self.ops.clone() {
+            let deleted =
+                timed(ops.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()))
+                    .await;
+            if let Err(err) = deleted {
+                // The queue expires on its own (`x-expires`) if we cannot delete it now.
+                tracing::debug!(queue = %self.queue, error = %err, "could not delete queue");
+                self.ops = None;
+            }
+        }
+        self.broker.metrics.broker_queues.dec();
+        self.broker
+            .metrics
+            .broker_bindings
+            .sub(self.bound.len() as i64);
+        self.bound.clear();
+        self.declared = false;
+    }
+}
+
+/// Bounds a broker operation in time so that a stalled connection cannot hang a reconciler.
+async fn timed<T>(op: impl Future<Output = lapin::Result<T>>) -> Result<T, TimedError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, op).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(TimedError::Broker(e)),
+        Err(_) => Err(TimedError::Timeout),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum TimedError {
+    #[error("{0}")]
+    Broker(lapin::Error),
+    #[error("broker operation timed out")]
+    Timeout,
+}
+
+/// A refusal that is final for the subscriptions involved (as opposed to a transient error).
+fn refusal(err: &TimedError, exchange: &str) -> Option<BindError> {
+    let TimedError::Broker(err) = err else {
+        return None;
+    };
+    let lapin::ErrorKind::ProtocolError(amqp) = err.kind() else {
+        return None;
+    };
+    match amqp.get_id() {
+        404 => Some(BindError::NoSuchExchange(exchange.to_owned())),
+        403 => Some(BindError::AccessRefused(exchange.to_owned())),
+        _ => None,
+    }
+}
+
+/// Hands each delivery to the topology and acknowledges in batches.
+async fn consume(
+    topology: Arc<Topology>,
+    exchange: String,
+    channel: Channel,
+    mut consumer: Consumer,
+    lost: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+) {
+    let mut unacked = 0u64;
+    let mut next = None;
+    loop {
+        let item = match next.take() {
+            Some(item) => item,
+            None => consumer.next().await,
+        };
+        let Some(Ok(delivery)) = item else {
+            break;
+        };
+        let cc = cc_header(&delivery.properties);
+        let incoming = Incoming {
+            exchange: delivery.exchange.as_str(),
+            routing_key: delivery.routing_key.as_str(),
+            redelivered: delivery.redelivered,
+            cc,
+            body: &delivery.data,
+        };
+        topology.deliver(&exchange, &incoming);
+        let last_tag = delivery.delivery_tag;
+        unacked += 1;
+        if unacked < ACK_BATCH {
+            if let Some(item) = consumer.next().now_or_never() {
+                next = Some(item);
+                continue;
+            }
+        }
+        let multiple = BasicAckOptions { multiple: true };
+        if channel.basic_ack(last_tag, multiple).await.is_err() {
+            break;
+        }
+        unacked = 0;
+    }
+    tracing::debug!(%exchange, "consumer ended");
+    lost.store(true, Ordering::Release);
+    notify.notify_one();
+}
+
+/// The entries of the `CC` header (an array of strings), in order.
+fn cc_header(properties: &lapin::BasicProperties) -> Vec<&str> {
+    let Some(headers) = properties.headers() else {
+        return Vec::new();
+    };
+    let Some(AMQPValue::FieldArray(entries)) = headers.inner().get("CC") else {
+        return Vec::new();
+    };
+    entries
+        .as_slice()
+        .iter()
+        .filter_map(|v| match v {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+            AMQPValue::ShortString(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        for attempt in 0..40 {
+            let d = backoff(attempt);
+            assert!(d <= BACKOFF_CAP.mul_f64(1.5));
+            assert!(d >= BACKOFF_FIRST.mul_f64(0.5));
+        }
+    }
+
+    #[test]
+    fn endpoint_has_no_credentials() {
+        let uri: AMQPUri = "amqps://user:s3cret@pulse.example:5671/%2f"
+            .parse()
+            .expect("valid");
+        let shown = endpoint(&uri);
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.starts_with("amqps://pulse.example:5671/"));
+    }
+}

@@ -1,0 +1,296 @@
+//! Configuration from the environment and command-line flags (flags win), parsed and
+//! validated once at start. Names follow Taskcluster's where they exist (`PORT`,
+//! `PULSE_USERNAME`, …).
+//!
+//! The AMQP password only ever lives inside [`lapin::uri::AMQPUri`] and is never printed:
+//! `Config`'s `Debug` shows the endpoint without credentials, and every error names the
+//! setting that is wrong without echoing its value.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Parser;
+use lapin::uri::{AMQPScheme, AMQPUri};
+
+use crate::binding::Limits;
+use crate::broker::AmqpSettings;
+
+/// Server-Sent Events gateway for RabbitMQ / Mozilla Pulse (Taskcluster events protocol).
+#[derive(Parser, Clone)]
+#[command(name = "events-gateway", version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 12345)]
+    pub port: u16,
+
+    /// Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Overrides the PULSE_* set.
+    /// Default: the PULSE_* set if PULSE_HOSTNAME is given, else a local RabbitMQ.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// Pulse user name (also names the queues: queue/<user>/…).
+    #[arg(long, env = "PULSE_USERNAME")]
+    pub pulse_username: Option<String>,
+
+    /// Pulse password.
+    #[arg(long, env = "PULSE_PASSWORD", hide_env_values = true)]
+    pub pulse_password: Option<String>,
+
+    /// Pulse host name; setting it selects the PULSE_* set.
+    #[arg(long, env = "PULSE_HOSTNAME")]
+    pub pulse_hostname: Option<String>,
+
+    /// Pulse virtual host.
+    #[arg(long, env = "PULSE_VHOST", default_value = "/")]
+    pub pulse_vhost: String,
+
+    /// Use TLS (amqps, port 5671) for Pulse.
+    #[arg(long, env = "PULSE_AMQPS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pulse_amqps: bool,
+
+    /// Queue name prefix; default queue/<user>/events-gateway (Pulse requires queue/<user>/).
+    #[arg(long, env = "QUEUE_PREFIX")]
+    pub queue_prefix: Option<String>,
+
+    /// Most bindings one connection may ask for.
+    #[arg(long, env = "MAX_BINDINGS", default_value_t = 100)]
+    pub max_bindings: usize,
+
+    /// Comma-separated prefixes an exchange name must start with (empty: any).
+    #[arg(long, env = "ALLOWED_EXCHANGE_PREFIXES", default_value = "exchange/")]
+    pub allowed_exchange_prefixes: String,
+
+    /// Time between `ping` events, e.g. 20s.
+    #[arg(long, env = "PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// How long a client waits for the broker to confirm its bindings before an `error`.
+    #[arg(long, env = "READY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Frames a client may fall behind before it loses the oldest (per subscription).
+    #[arg(long, env = "SUBSCRIPTION_BUFFER", default_value_t = 1024)]
+    pub subscription_buffer: usize,
+
+    /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
+    #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]
+    pub queue_max_length: u32,
+
+    /// A queue without consumer is deleted by the broker after this long (x-expires).
+    #[arg(long, env = "QUEUE_EXPIRES", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub queue_expires: Duration,
+
+    /// Unacknowledged deliveries per queue.
+    #[arg(long, env = "PREFETCH", default_value_t = 1000)]
+    pub prefetch: u16,
+
+    /// Value of Access-Control-Allow-Origin.
+    #[arg(long, env = "CORS_ORIGIN", default_value = "*")]
+    pub cors_origin: String,
+
+    /// On SIGTERM, time allowed to end streams, delete queues and exit.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. info or events_gateway=debug.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub amqp: AmqpSettings,
+    pub limits: Limits,
+    pub ping_interval: Duration,
+    pub ready_timeout: Duration,
+    pub subscription_buffer: usize,
+    pub cors_origin: String,
+    pub shutdown_grace: Duration,
+    pub log_level: String,
+    pub log_json: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("amqp", &self.amqp)
+            .field("limits", &self.limits)
+            .field("ping_interval", &self.ping_interval)
+            .field("ready_timeout", &self.ready_timeout)
+            .field("subscription_buffer", &self.subscription_buffer)
+            .field("cors_origin", &self.cors_origin)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+/// A setting that cannot be used. The text names the setting, never its secret value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("AMQP_URL is not a valid amqp:// or amqps:// URL")]
+    BadAmqpUrl,
+    #[error("PULSE_USERNAME and PULSE_PASSWORD are required with PULSE_HOSTNAME")]
+    PulseCredentials,
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("QUEUE_PREFIX is too long ({0} bytes; at most 150)")]
+    QueuePrefix(usize),
+}
+
+/// The broker a fresh checkout talks to: the local RabbitMQ with its default user.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+impl Config {
+    /// Parses command-line arguments (the first is the program name) and the environment.
+    pub fn parse_from<I, T>(args: I) -> Result<Self, anyhow::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args = Args::try_parse_from(args)?;
+        Ok(Self::from_args(args)?)
+    }
+
+    /// Validates parsed arguments.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let uri = broker_uri(&args)?;
+        let user = if uri.authority.userinfo.username.is_empty() {
+            "guest".to_owned()
+        } else {
+            uri.authority.userinfo.username.clone()
+        };
+        let queue_prefix = args
+            .queue_prefix
+            .clone()
+            .unwrap_or_else(|| format!("queue/{user}/events-gateway"));
+        if queue_prefix.len() > 150 {
+            return Err(ConfigError::QueuePrefix(queue_prefix.len()));
+        }
+        for (name, value) in [
+            ("MAX_BINDINGS", args.max_bindings),
+            ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
+            ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
+            ("PREFETCH", args.prefetch as usize),
+            ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
+            ("READY_TIMEOUT", args.ready_timeout.as_millis() as usize),
+            ("QUEUE_EXPIRES", args.queue_expires.as_millis() as usize),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        let allowed_exchange_prefixes = args
+            .allowed_exchange_prefixes
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Ok(Self {
+            listen: SocketAddr::new(args.listen_address, args.port),
+            amqp: AmqpSettings {
+                uri,
+                queue_prefix,
+                prefetch: args.prefetch,
+                queue_max_length: args.queue_max_length,
+                queue_expires: args.queue_expires,
+            },
+            limits: Limits {
+                max_bindings: args.max_bindings,
+                allowed_exchange_prefixes,
+            },
+            ping_interval: args.ping_interval,
+            ready_timeout: args.ready_timeout,
+            subscription_buffer: args.subscription_buffer,
+            cors_origin: args.cors_origin,
+            shutdown_grace: args.shutdown_grace,
+            log_level: args.log_level,
+            log_json: args.log_format == "json",
+        })
+    }
+}
+
+/// `AMQP_URL` if given; else the PULSE_* set if `PULSE_HOSTNAME` is given; else the local
+/// default.
+fn broker_uri(args: &Args) -> Result<AMQPUri, ConfigError> {
+    if let Some(url) = &args.amqp_url {
+        return url.parse().map_err(|_| ConfigError::BadAmqpUrl);
+    }
+    let Some(host) = &args.pulse_hostname else {
+        return DEFAULT_AMQP_URL
+            .parse()
+            .map_err(|_| ConfigError::BadAmqpUrl);
+    };
+    let (Some(user), Some(password)) = (&args.pulse_username, &args.pulse_password) else {
+        return Err(ConfigError::PulseCredentials);
+    };
+    let mut uri = AMQPUri::default();
+    uri.scheme = if args.pulse_amqps {
+        AMQPScheme::AMQPS
+    } else {
+        AMQPScheme::AMQP
+    };
+    uri.authority.host = host.clone();
+    uri.authority.port = if args.pulse_amqps { 5671 } else { 5672 };
+    uri.authority.userinfo.username = user.clone();
+    uri.authority.userinfo.password = password.clone();
+    uri.vhost = args.pulse_vhost.clone();
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, anyhow::Error> {
+        Config::parse_from(std::iter::once("events-gateway").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_talk_to_a_local_rabbitmq() {
+        let c = parse(&[]).expect("defaults are valid");
+        assert_eq!(c.listen.port(), 12345);
+        assert_eq!(c.amqp.uri.authority.host, "127.0.0.1");
+        assert_eq!(c.amqp.queue_prefix, "queue/guest/events-gateway");
+        assert_eq!(c.limits.max_bindings, 100);
+        assert_eq!(c.ping_interval, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn pulse_settings_build_a_tls_url_and_hide_the_password() {
+        let c = parse(&[
+            "--pulse-hostname",
+            "pulse.example",
+            "--pulse-username",
+            "me",
+            "--pulse-password",
+            "s3cret",
+        ])
+        .expect("valid");
+        assert_eq!(c.amqp.uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(c.amqp.uri.authority.port, 5671);
+        assert_eq!(c.amqp.queue_prefix, "queue/me/events-gateway");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn bad_settings_are_named_without_their_value() {
+        let err = parse(&["--amqp-url", "http://u:s3cret@[bad"]).expect_err("invalid");
+        assert_eq!(err.to_string(), ConfigError::BadAmqpUrl.to_string());
+        let err = parse(&["--pulse-hostname", "h"]).expect_err("no credentials");
+        assert_eq!(err.to_string(), ConfigError::PulseCredentials.to_string());
+        let err = parse(&["--max-bindings", "0"]).expect_err("zero");
+        assert_eq!(err.to_string(), "MAX_BINDINGS must be greater than zero");
+    }
+}

@@ -1,0 +1,283 @@
+//! HTTP routes (warp).
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /api/events/v1/connect/`, `/events/v1/connect/` (final `/` optional) | the SSE stream |
+//! | `GET /api/events/v1/ping` | `{"alive":true,"uptime":…}` |
+//! | `GET /__lbheartbeat__` | 200 `{}` while the process serves |
+//! | `GET /__heartbeat__` | 200 while the broker connection is up, 503 otherwise or when draining |
+//! | `GET /__version__` | `{"version","commit","source","build"}` |
+//! | `GET /metrics` | Prometheus text format |
+//! | `OPTIONS *` | CORS preflight |
+//!
+//! Every response carries the CORS and security headers Taskcluster's lib-api sends.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::stream;
+use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::binding::{self, Limits};
+use crate::broker::AmqpBroker;
+use crate::message;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::sse::{ClientStream, StreamSettings};
+
+/// Paths that serve the SSE stream (each also with a final `/`).
+const CONNECT_PATHS: &[&str] = &["/api/events/v1/connect", "/events/v1/connect"];
+
+/// The peer address of a connection, set by the server loop.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+/// What the handlers share.
+pub struct State {
+    pub registry: Arc<Registry>,
+    pub broker: Arc<AmqpBroker>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    pub stream: StreamSettings,
+    pub cors_origin: HeaderValue,
+    pub started: Instant,
+    /// Cancelled when the process starts draining.
+    pub draining: tokio_util::sync::CancellationToken,
+}
+
+/// All routes, with the common headers added to every response.
+pub fn routes(
+    state: Arc<State>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_state = {
+        let state = state.clone();
+        warp::any().map(move || state.clone())
+    };
+    let connect = warp::get()
+        .and(warp::path::full())
+        .and_then(|path: warp::path::FullPath| async move {
+            let p = path.as_str();
+            let p = p.strip_suffix('/').unwrap_or(p);
+            if CONNECT_PATHS.contains(&p) {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+        .and(warp::header::headers_cloned())
+        .and(
+            warp::query::raw()
+                .map(Some)
+                .or(warp::any().map(|| None))
+                .unify(),
+        )
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(with_state.clone())
+        .map(connect);
+    let ping = warp::get()
+        .and(warp::path!("api" / "events" / "v1" / "ping"))
+        .and(with_state.clone())
+        .map(|state: Arc<State>| {
+            let uptime = state.started.elapsed().as_secs_f64();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({"alive": true, "uptime": uptime}),
+            )
+        });
+    let lbheartbeat = warp::get()
+        .and(warp::path!("__lbheartbeat__"))
+        .map(|| json(StatusCode::OK, &serde_json::json!({})));
+    let heartbeat = warp::get()
+        .and(warp::path!("__heartbeat__"))
+        .and(with_state.clone())
+        .map(heartbeat);
+    let version = warp::get()
+        .and(warp::path!("__version__"))
+        .map(|| json(StatusCode::OK, &version_info()));
+    let metrics = warp::get()
+        .and(warp::path!("metrics"))
+        .and(with_state.clone())
+        .map(|state: Arc<State>| {
+            let mut resp = Response::new(state.metrics.render().into());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        });
+    let preflight = warp::options().map(|| {
+        let mut resp = Response::new(Default::default());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        resp
+    });
+    let cors = state.cors_origin.clone();
+    connect
+        .or(ping)
+        .unify()
+        .or(lbheartbeat)
+        .unify()
+        .or(heartbeat)
+        .unify()
+        .or(version)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(preflight)
+        .unify()
+        .recover(|rejection: warp::Rejection| async move {
+            let (status, text) = if rejection.is_not_found() {
+                (StatusCode::NOT_FOUND, "Not Found")
+            } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+                (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            } else {
+                (StatusCode::BAD_REQUEST, "Bad Request")
+            };
+            Ok::<_, Infallible>(json(
+                status,
+                &serde_json::json!({"code": status.as_u16(), "message": text}),
+            ))
+        })
+        .unify()
+        .map(move |mut resp: Response| {
+            add_common_headers(resp.headers_mut(), &cors);
+            resp
+        })
+}
+
+fn connect(
+    headers: HeaderMap,
+    query: Option<String>,
+    peer: Option<PeerAddr>,
+    state: Arc<State>,
+) -> Response {
+    // The original gives up reconnecting clients this way: every event has `id: -`, so an
+    // EventSource that lost its stream comes back with `Last-Event-Id` and gets 204, after
+    // which it stops for good.
+    if headers.contains_key("last-event-id") {
+        state.metrics.connection("no_content");
+        let mut resp = Response::new(Default::default());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        resp.headers_mut().insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store no-cache must-revalidate"),
+        );
+        return resp;
+    }
+    if state.draining.is_cancelled() {
+        state.metrics.connection("over_limit");
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"code": "Draining", "message": "This server is shutting down; connect again."}),
+        );
+    }
+    let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
+    let set = match binding::parse_query(query.as_deref(), &state.limits) {
+        Ok(set) => set,
+        Err(err) => {
+            state.metrics.connection("bad_input");
+            tracing::debug!(%peer, error = %err, "refused bindings");
+            let frame = message::error_frame(&err.to_string());
+            return event_stream(stream::once(async move { Ok::<_, Infallible>(frame) }));
+        }
+    };
+    tracing::debug!(%peer, bindings = set.len(), "client connected");
+    let client = state.registry.subscribe(set);
+    let body = ClientStream::new(
+        client,
+        &state.stream,
+        state.draining.clone(),
+        state.metrics.clone(),
+    );
+    event_stream(body)
+}
+
+/// A `text/event-stream` response over a stream of already-encoded frames.
+fn event_stream<S>(frames: S) -> Response
+where
+    S: futures_util::Stream<Item = Result<Bytes, Infallible>> + Send + 'static,
+{
+    let body = sync_wrapper::SyncStream::new(frames);
+    let mut resp = warp::reply::stream(body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+fn heartbeat(state: Arc<State>) -> Response {
+    let connected = state.broker.is_connected();
+    let draining = state.draining.is_cancelled();
+    let status = if connected && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &serde_json::json!({
+            "broker": {
+                "connected": connected,
+                "endpoint": state.broker.endpoint(),
+            },
+            "draining": draining,
+            "subscriptions": state.registry.len(),
+        }),
+    )
+}
+
+fn version_info() -> serde_json::Value {
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "commit": option_env!("EVENTS_GATEWAY_COMMIT").unwrap_or("unknown"),
+        "source": option_env!("EVENTS_GATEWAY_SOURCE").unwrap_or("unknown"),
+        "build": option_env!("EVENTS_GATEWAY_BUILD").unwrap_or("unknown"),
+    })
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut resp = Response::new(value.to_string().into());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
+fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
+        ),
+    );
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("access-control-allow-origin", cors_origin.clone());
+    h.insert("access-control-max-age", HeaderValue::from_static("900"));
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("OPTIONS,GET,HEAD,POST,PUT,DELETE,TRACE,CONNECT"),
+    );
+    h.insert(
+        "access-control-request-method",
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static(
+            "X-Requested-With,Content-Type,Authorization,Accept,Origin,Cache-Control",
+        ),
+    );
+}

@@ -1,0 +1,157 @@
+//! events-gateway: watch RabbitMQ / Mozilla Pulse messages over Server-Sent Events, with
+//! the wire protocol of Taskcluster's events service and a broker load that does not grow
+//! with the number of clients.
+//!
+//! How a request flows through the parts:
+//!
+//! ```text
+//! http (warp routes) ── binding (parse + validate once → BindingSet)
+//!    │
+//!    ▼
+//! registry (one Subscription per distinct BindingSet, shared broadcast channel)
+//!    │ adds/removes its bindings in
+//!    ▼
+//! topology (wanted bindings, broker state, topic tries) ◄── broker::amqp (reconcile the
+//!    │                                                      broker, consume deliveries)
+//!    │ deliver: match routing key + CC (topic), encode once (message), broadcast
+//!    ▼
+//! sse (per-client stream: ready / message / ping / error frames) ── server (hyper loop)
+//! ```
+//!
+//! [`start`] builds all of it from a [`Config`]; [`run`] also waits for a shutdown signal.
+
+#![forbid(unsafe_code)]
+
+pub mod binding;
+pub mod broker;
+pub mod config;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod sse;
+pub mod topic;
+pub mod topology;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use crate::broker::AmqpBroker;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::topology::Topology;
+
+/// A running gateway.
+pub struct Running {
+    local_addr: SocketAddr,
+    draining: CancellationToken,
+    stop_server: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    broker: Arc<AmqpBroker>,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    grace: std::time::Duration,
+}
+
+/// Binds the listener, starts the broker side and serves. Returns once the port is bound.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let metrics = Metrics::new();
+    let topology = Arc::new(Topology::new(metrics.clone()));
+    let broker = AmqpBroker::start(config.amqp.clone(), topology.clone(), metrics.clone());
+    let registry = Arc::new(Registry::new(
+        topology,
+        broker.clone(),
+        config.subscription_buffer,
+        metrics.clone(),
+    ));
+    let draining = CancellationToken::new();
+    let state = Arc::new(http::State {
+        registry: registry.clone(),
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        stream: sse::StreamSettings {
+            ping_interval: config.ping_interval,
+            ready_timeout: config.ready_timeout,
+        },
+        cors_origin: config
+            .cors_origin
+            .parse()
+            .context("CORS_ORIGIN is not a valid header value")?,
+        started: Instant::now(),
+        draining: draining.clone(),
+    });
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let local_addr = listener.local_addr()?;
+    let stop_server = CancellationToken::new();
+    let server = tokio::spawn(server::serve(
+        listener,
+        http::routes(state),
+        stop_server.clone(),
+        config.shutdown_grace,
+    ));
+    tracing::info!(%local_addr, broker = %broker.endpoint(), "events-gateway listening");
+    Ok(Running {
+        local_addr,
+        draining,
+        stop_server,
+        server,
+        broker,
+        registry,
+        metrics,
+        grace: config.shutdown_grace,
+    })
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn broker(&self) -> &Arc<AmqpBroker> {
+        &self.broker
+    }
+
+    /// Drains and stops: health turns 503 and new connects are refused at once; every
+    /// stream gets a reconnect frame and ends; connections close; the broker queues are
+    /// deleted. Bounded by the configured grace period.
+    pub async fn shutdown(self) {
+        let started = Instant::now();
+        tracing::info!("drain started");
+        self.draining.cancel();
+        self.stop_server.cancel();
+        let _ = tokio::time::timeout(self.grace, self.server).await;
+        let left = self.grace.saturating_sub(started.elapsed());
+        self.broker.shutdown(left).await;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "drain finished"
+        );
+    }
+}
+
+/// Runs the gateway until `shutdown` completes, then drains.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let running = start(config).await?;
+    shutdown.await;
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,185 @@
+//! Pulse messages and the SSE frames that carry them.
+//!
+//! Every frame is encoded exactly once into a [`Bytes`] and then shared by all clients
+//! (a reference-count bump each): there is no per-client JSON work on the delivery path.
+//!
+//! Frame layout, byte for byte as the original service wrote it:
+//! `event: <kind>\ndata: <compact JSON on one line>\nid: -\n\n`.
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+/// The `ready` frame (data `{}`), the same for everyone.
+pub const READY: &[u8] = b"event: ready\ndata: {}\nid: -\n\n";
+
+/// A message as received from the broker, borrowed from the delivery.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub redelivered: bool,
+    /// Entries of the AMQP `CC` header, in order (routing uses all of them).
+    pub cc: Vec<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// Why a delivery cannot be forwarded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MalformedBody {
+    #[error("message body is not UTF-8")]
+    NotUtf8,
+    #[error("message body is not JSON: {0}")]
+    NotJson(String),
+}
+
+impl Incoming<'_> {
+    /// Encodes the `message` frame. Keys come in the original's order: payload, exchange,
+    /// routingKey, redelivered, routes. `routes` are the `CC` entries starting with
+    /// `route.`, prefix removed.
+    pub fn encode(&self) -> Result<Bytes, MalformedBody> {
+        let payload = compact_json(self.body)?;
+        let mut out = Vec::with_capacity(payload.len() + 128 + self.routing_key.len());
+        out.extend_from_slice(b"event: message\ndata: {\"payload\":");
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(b",\"exchange\":");
+        push_json_string(&mut out, self.exchange);
+        out.extend_from_slice(b",\"routingKey\":");
+        push_json_string(&mut out, self.routing_key);
+        out.extend_from_slice(if self.redelivered {
+            b",\"redelivered\":true,\"routes\":["
+        } else {
+            b",\"redelivered\":false,\"routes\":["
+        });
+        let routes = self.cc.iter().filter_map(|cc| cc.strip_prefix("route."));
+        for (i, route) in routes.enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_string(&mut out, route);
+        }
+        out.extend_from_slice(b"]}\nid: -\n\n");
+        Ok(Bytes::from(out))
+    }
+}
+
+/// An `error` frame: the data is a JSON string.
+pub fn error_frame(text: &str) -> Bytes {
+    let mut out = Vec::with_capacity(text.len() + 32);
+    out.extend_from_slice(b"event: error\ndata: ");
+    push_json_string(&mut out, text);
+    out.extend_from_slice(b"\nid: -\n\n");
+    Bytes::from(out)
+}
+
+/// A `ping` frame: `{"time":"2026-11-27T11:15:23.085Z"}` (UTC, milliseconds, as
+/// JavaScript's `Date.prototype.toJSON`).
+pub fn ping_frame(now: SystemTime) -> Bytes {
+    let time = humantime::format_rfc3339_millis(now);
+    Bytes::from(format!(
+        "event: ping\ndata: {{\"time\":\"{time}\"}}\nid: -\n\n"
+    ))
+}
+
+/// An SSE comment (ignored by EventSource) telling a slow client what it lost.
+pub fn lagged_comment(missed: u64) -> Bytes {
+    Bytes::from(format!(
+        ": {missed} messages were dropped because this client reads too slowly\n\n"
+    ))
+}
+
+/// The last frame of a stream the server ends on purpose: the empty `id:` resets the
+/// client's last event id (so it reconnects without `Last-Event-Id`, which would get 204),
+/// and `retry:` spreads the reconnections over time.
+pub fn reconnect_frame(retry_ms: u64) -> Bytes {
+    Bytes::from(format!("retry: {retry_ms}\nid:\n\n"))
+}
+
+/// Checks that `body` is UTF-8 JSON and returns it without insignificant whitespace, as
+/// `JSON.stringify(JSON.parse(body))` would (keys keep their order, numbers and strings
+/// their text). The output never contains a line break, so it fits on one `data:` line.
+pub fn compact_json(body: &[u8]) -> Result<Vec<u8>, MalformedBody> {
+    let text = std::str::from_utf8(body).map_err(|_| MalformedBody::NotUtf8)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(text)
+        .map_err(|e| MalformedBody::NotJson(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
+/// Appends `s` as a JSON string literal (non-ASCII stays raw UTF-8, as in JavaScript).
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn message_frame_matches_the_original_bytes() {
+        let body =
+            r#"{"status":"fooIsBar","n":1,"nested":{"list":[1,"two",null]},"unicode":"héllo ✓"}"#;
+        let msg = Incoming {
+            exchange: "exchange/conformance-transcript/v1/demo",
+            routing_key: "primary.key.a",
+            redelivered: false,
+            cc: vec!["route.index.foo.bar", "not-a-route", "route.notify.a@b.c"],
+            body: body.as_bytes(),
+        };
+        let expected = "event: message\ndata: {\"payload\":{\"status\":\"fooIsBar\",\"n\":1,\"nested\":{\"list\":[1,\"two\",null]},\"unicode\":\"héllo ✓\"},\"exchange\":\"exchange/conformance-transcript/v1/demo\",\"routingKey\":\"primary.key.a\",\"redelivered\":false,\"routes\":[\"index.foo.bar\",\"notify.a@b.c\"]}\nid: -\n\n";
+        assert_eq!(msg.encode().expect("valid"), expected.as_bytes());
+    }
+
+    #[test]
+    fn payload_is_compacted_but_strings_are_kept() {
+        let out = compact_json(b"{ \"a\" : [1, 2],\n \"b\": \"x y \\\" z\" }").expect("valid");
+        assert_eq!(out, br#"{"a":[1,2],"b":"x y \" z"}"#);
+    }
+
+    #[test]
+    fn malformed_bodies_are_refused() {
+        assert_eq!(compact_json(b"\xff\xfe"), Err(MalformedBody::NotUtf8));
+        assert!(matches!(
+            compact_json(b"{not json"),
+            Err(MalformedBody::NotJson(_))
+        ));
+        assert!(matches!(compact_json(b""), Err(MalformedBody::NotJson(_))));
+    }
+
+    #[test]
+    fn control_frames() {
+        assert_eq!(
+            error_frame("Bindings must be an array of {exchange, routingKeyPattern}"),
+            "event: error\ndata: \"Bindings must be an array of {exchange, routingKeyPattern}\"\nid: -\n\n"
+        );
+        assert_eq!(
+            error_frame("\"undefined\" is not valid JSON"),
+            "event: error\ndata: \"\\\"undefined\\\" is not valid JSON\"\nid: -\n\n"
+        );
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_778_123_085);
+        assert_eq!(
+            ping_frame(t),
+            "event: ping\ndata: {\"time\":\"2026-11-27T11:15:23.085Z\"}\nid: -\n\n"
+        );
+        assert_eq!(reconnect_frame(1500), "retry: 1500\nid:\n\n");
+    }
+}

@@ -1,0 +1,165 @@
+//! Prometheus metrics, all named `events_gateway_*` and registered at start so every
+//! series exists before the first client arrives. Labels take a small fixed set of
+//! values only: nothing per client, per pattern or per exchange.
+
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// Outcomes counted in `events_gateway_connections_total`.
+pub const OUTCOMES: &[&str] = &[
+    "ready",
+    "bad_input",
+    "broker_error",
+    "timeout",
+    "no_content",
+    "over_limit",
+    "client_gone",
+];
+
+/// Reasons counted in `events_gateway_messages_dropped_total`.
+pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable"];
+
+/// Every metric the gateway exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub connections_open: IntGauge,
+    pub connections_total: IntCounterVec,
+    pub subscriptions: IntGauge,
+    pub broker_connected: IntGauge,
+    pub broker_reconnects: IntCounter,
+    pub broker_queues: IntGauge,
+    pub broker_bindings: IntGauge,
+    pub messages_received: IntCounter,
+    pub messages_delivered: IntCounter,
+    pub messages_dropped: IntCounterVec,
+    pub uptime_start: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Self {
+            connections_open: IntGauge::new(
+                "events_gateway_connections_open",
+                "SSE client connections currently open",
+            )
+            .expect("valid metric"),
+            connections_total: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_connections_total",
+                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit, client_gone (left before ready)",
+                ),
+                &["outcome"],
+            )
+            .expect("valid metric"),
+            subscriptions: IntGauge::new(
+                "events_gateway_subscriptions",
+                "Distinct binding sets currently subscribed (each one broadcast channel)",
+            )
+            .expect("valid metric"),
+            broker_connected: IntGauge::new(
+                "events_gateway_broker_connected",
+                "1 while the AMQP connection is up, 0 otherwise",
+            )
+            .expect("valid metric"),
+            broker_reconnects: IntCounter::new(
+                "events_gateway_broker_reconnects_total",
+                "AMQP connections established after the first one",
+            )
+            .expect("valid metric"),
+            broker_queues: IntGauge::new(
+                "events_gateway_broker_queues",
+                "Broker queues currently declared by this process (one per exchange in use)",
+            )
+            .expect("valid metric"),
+            broker_bindings: IntGauge::new(
+                "events_gateway_broker_bindings",
+                "Broker bindings currently in place (one per distinct exchange and pattern)",
+            )
+            .expect("valid metric"),
+            messages_received: IntCounter::new(
+                "events_gateway_messages_received_total",
+                "Messages received from the broker",
+            )
+            .expect("valid metric"),
+            messages_delivered: IntCounter::new(
+                "events_gateway_messages_delivered_total",
+                "Message frames handed to client streams (one per message per client)",
+            )
+            .expect("valid metric"),
+            messages_dropped: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_messages_dropped_total",
+                    "Messages not delivered, by reason: slow_client (per client), malformed (body not UTF-8 JSON), unroutable (no client pattern matched)",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            uptime_start: Gauge::new(
+                "events_gateway_start_time_seconds",
+                "Start time of the process since the Unix epoch",
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.connections_open.clone()),
+            Box::new(m.connections_total.clone()),
+            Box::new(m.subscriptions.clone()),
+            Box::new(m.broker_connected.clone()),
+            Box::new(m.broker_reconnects.clone()),
+            Box::new(m.broker_queues.clone()),
+            Box::new(m.broker_bindings.clone()),
+            Box::new(m.messages_received.clone()),
+            Box::new(m.messages_delivered.clone()),
+            Box::new(m.messages_dropped.clone()),
+            Box::new(m.uptime_start.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let _ = m.registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        for outcome in OUTCOMES {
+            m.connections_total.with_label_values(&[*outcome]);
+        }
+        for reason in DROP_REASONS {
+            m.messages_dropped.with_label_values(&[*reason]);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        m.uptime_start.set(now.as_secs_f64());
+        m
+    }
+
+    /// Counts a connection outcome (one of [`OUTCOMES`]).
+    pub fn connection(&self, outcome: &str) {
+        self.connections_total.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts dropped messages (reason one of [`DROP_REASONS`]).
+    pub fn dropped(&self, reason: &str, n: u64) {
+        self.messages_dropped.with_label_values(&[reason]).inc_by(n);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on invalid metric data, which we never build.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

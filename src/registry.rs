@@ -1,0 +1,312 @@
+//! The subscription registry: clients with equal binding sets share one [`Subscription`]
+//! (one `tokio::sync::broadcast` channel), whatever their number.
+//!
+//! Invariants enforced here:
+//! - a subscription exists exactly while at least one [`Client`] holds it: the count of
+//!   clients is changed only under the dashmap shard lock of its key (`entry()` to join,
+//!   `remove_if()` to leave), so a client can never join a subscription that is being torn
+//!   down;
+//! - the last client to leave removes the subscription from the [`Topology`], which makes
+//!   the broker side drop bindings no one uses any more;
+//! - fan-out never waits on a slow client: a broadcast send is O(1) in the number of
+//!   receivers, and a client that falls behind loses its oldest frames (`Lagged`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use tokio::sync::{broadcast, watch};
+
+use crate::binding::BindingSet;
+use crate::broker::Reconcile;
+use crate::metrics::Metrics;
+use crate::topology::{BindError, BindState, Topology};
+
+/// One distinct binding set and the broadcast channel its clients share.
+pub struct Subscription {
+    bindings: Arc<BindingSet>,
+    sender: broadcast::Sender<Bytes>,
+    /// Clients holding this subscription; changed only under the registry's shard lock.
+    clients: AtomicUsize,
+}
+
+impl Subscription {
+    pub fn bindings(&self) -> &BindingSet {
+        &self.bindings
+    }
+
+    /// Sends a frame to every client; returns how many receivers it reached.
+    pub(crate) fn send(&self, frame: Bytes) -> usize {
+        self.sender.send(frame).unwrap_or(0)
+    }
+}
+
+/// Every live subscription, keyed by its canonical binding set.
+pub struct Registry {
+    subscriptions: DashMap<Arc<BindingSet>, Arc<Subscription>>,
+    topology: Arc<Topology>,
+    broker: Arc<dyn Reconcile>,
+    /// Frames a client may fall behind before it loses the oldest (broadcast capacity).
+    buffer: usize,
+    metrics: Metrics,
+}
+
+impl Registry {
+    pub fn new(
+        topology: Arc<Topology>,
+        broker: Arc<dyn Reconcile>,
+        buffer: usize,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            subscriptions: DashMap::new(),
+            topology,
+            broker,
+            buffer: buffer.max(1),
+            metrics,
+        }
+    }
+
+    /// Joins (or creates) the subscription for `set`. The client starts receiving frames
+    /// at once; [`Client::ready`] tells when the broker has confirmed every binding.
+    pub fn subscribe(self: &Arc<Self>, set: BindingSet) -> Client {
+        let key = Arc::new(set);
+        let (sub, changed) = match self.subscriptions.entry(key.clone()) {
+            Entry::Occupied(e) => {
+                let sub = e.get().clone();
+                sub.clients.fetch_add(1, Ordering::Relaxed);
+                (sub, Vec::new())
+            }
+            Entry::Vacant(v) => {
+                let (sender, _) = broadcast::channel(self.buffer);
+                let sub = Arc::new(Subscription {
+                    bindings: key,
+                    sender,
+                    clients: AtomicUsize::new(1),
+                });
+                // Routed before the shard lock is released: a second client finding this
+                // subscription also finds its bindings in the topology.
+                let changed = self.topology.add(&sub);
+                v.insert(sub.clone());
+                self.metrics.subscriptions.inc();
+                tracing::debug!(bindings = %sub.bindings, "subscription created");
+                (sub, changed)
+            }
+        };
+        for exchange in changed {
+            self.broker.exchange_changed(&exchange);
+        }
+        let receiver = sub.sender.subscribe();
+        let statuses = self.topology.statuses(&sub);
+        Client {
+            registry: self.clone(),
+            subscription: sub,
+            receiver: Some(receiver),
+            statuses,
+        }
+    }
+
+    fn release(&self, sub: &Arc<Subscription>) {
+        let removed = self
+            .subscriptions
+            .remove_if(&sub.bindings, |_, s| {
+                Arc::ptr_eq(s, sub) && s.clients.fetch_sub(1, Ordering::Relaxed) == 1
+            })
+            .is_some();
+        if removed {
+            self.metrics.subscriptions.dec();
+            tracing::debug!(bindings = %sub.bindings, "subscription released");
+            for exchange in self.topology.remove(sub) {
+                self.broker.exchange_changed(&exchange);
+            }
+        }
+    }
+
+    /// Number of live subscriptions.
+    pub fn len(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subscriptions.is_empty()
+    }
+}
+
+/// One client's hold on a subscription; dropping it leaves the subscription.
+pub struct Client {
+    registry: Arc<Registry>,
+    subscription: Arc<Subscription>,
+    receiver: Option<broadcast::Receiver<Bytes>>,
+    statuses: Vec<watch::Receiver<BindState>>,
+}
+
+impl Client {
+    /// Takes the client's receiver of frames (once).
+    pub fn take_receiver(&mut self) -> Option<broadcast::Receiver<Bytes>> {
+        self.receiver.take()
+    }
+
+    /// Waits until the broker has confirmed every binding, or one was refused, or
+    /// `timeout` passed.
+    pub fn ready(
+        &self,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), BindError>> + Send + 'static {
+        let mut statuses = self.statuses.clone();
+        async move {
+            let all = async {
+                for status in &mut statuses {
+                    let state = status
+                        .wait_for(|s| *s != BindState::Pending)
+                        .await
+                        .map_err(|_| BindError::Internal)?;
+                    if let BindState::Failed(err) = &*state {
+                        return Err(err.clone());
+                    }
+                }
+                Ok(())
+            };
+            tokio::time::timeout(timeout, all)
+                .await
+                .unwrap_or(Err(BindError::Timeout))
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.registry.release(&self.subscription);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::binding::Binding;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Reconcile for Recorder {
+        fn exchange_changed(&self, exchange: &str) {
+            self.0.lock().expect("lock").push(exchange.to_owned());
+        }
+    }
+
+    fn set(pairs: &[(&str, &str)]) -> BindingSet {
+        BindingSet::new(
+            pairs
+                .iter()
+                .map(|(e, p)| Binding {
+                    exchange: (*e).to_owned(),
+                    pattern: (*p).to_owned(),
+                })
+                .collect(),
+        )
+    }
+
+    fn registry() -> (Arc<Registry>, Arc<Topology>, Arc<Recorder>) {
+        let metrics = Metrics::new();
+        let topology = Arc::new(Topology::new(metrics.clone()));
+        let recorder = Arc::new(Recorder::default());
+        let registry = Arc::new(Registry::new(
+            topology.clone(),
+            recorder.clone(),
+            16,
+            metrics,
+        ));
+        (registry, topology, recorder)
+    }
+
+    #[test]
+    fn equal_sets_share_one_subscription_and_the_last_leaver_unbinds() {
+        let (registry, topology, recorder) = registry();
+        let a = registry.subscribe(set(&[("exchange/x", "a.#"), ("exchange/y", "#")]));
+        let b = registry.subscribe(set(&[("exchange/y", "#"), ("exchange/x", "a.#")]));
+        assert_eq!(registry.len(), 1);
+        assert!(Arc::ptr_eq(&a.subscription, &b.subscription));
+        assert_eq!(topology.wanted("exchange/x"), vec!["a.#".to_owned()]);
+        assert_eq!(recorder.0.lock().expect("lock").len(), 2);
+
+        drop(a);
+        assert_eq!(registry.len(), 1);
+        assert_eq!(topology.wanted("exchange/x").len(), 1);
+        drop(b);
+        assert!(registry.is_empty());
+        assert!(topology.wanted("exchange/x").is_empty());
+        assert!(topology.exchanges().is_empty());
+        assert_eq!(recorder.0.lock().expect("lock").len(), 4);
+    }
+
+    #[test]
+    fn overlapping_sets_share_bindings() {
+        let (registry, topology, _) = registry();
+        let a = registry.subscribe(set(&[("exchange/x", "a.#")]));
+        let b = registry.subscribe(set(&[("exchange/x", "a.#"), ("exchange/x", "b")]));
+        assert_eq!(registry.len(), 2);
+        let mut wanted = topology.wanted("exchange/x");
+        wanted.sort();
+        assert_eq!(wanted, vec!["a.#".to_owned(), "b".to_owned()]);
+        drop(b);
+        assert_eq!(topology.wanted("exchange/x"), vec!["a.#".to_owned()]);
+        drop(a);
+        assert!(topology.exchanges().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_every_binding_and_reports_refusals() {
+        let (registry, topology, _) = registry();
+        let client = registry.subscribe(set(&[("exchange/x", "a"), ("exchange/y", "b")]));
+        let ready = client.ready(Duration::from_secs(5));
+        topology.set_state("exchange/x", "a", BindState::Bound);
+        topology.set_state(
+            "exchange/y",
+            "b",
+            BindState::Failed(BindError::NoSuchExchange("exchange/y".into())),
+        );
+        assert_eq!(
+            ready.await,
+            Err(BindError::NoSuchExchange("exchange/y".into()))
+        );
+        // A refused binding is not wanted any more, but a new subscription retries it.
+        assert!(topology.wanted("exchange/y").is_empty());
+        let other = registry.subscribe(set(&[("exchange/y", "b"), ("exchange/y", "c")]));
+        assert_eq!(topology.wanted("exchange/y").len(), 2);
+        drop((client, other));
+        assert!(topology.exchanges().is_empty());
+    }
+
+    #[tokio::test]
+    async fn ready_times_out() {
+        let (registry, _, _) = registry();
+        let client = registry.subscribe(set(&[("exchange/x", "a")]));
+        let result = client.ready(Duration::from_millis(10)).await;
+        assert_eq!(result, Err(BindError::Timeout));
+    }
+
+    #[test]
+    fn concurrent_join_and_leave_leaves_nothing() {
+        let (registry, topology, _) = registry();
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let registry = registry.clone();
+                std::thread::spawn(move || {
+                    for i in 0..2000 {
+                        let pattern = format!("p{}", (i + t) % 3);
+                        let client = registry.subscribe(set(&[("exchange/x", &pattern)]));
+                        drop(client);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        assert!(registry.is_empty());
+        assert!(topology.exchanges().is_empty());
+    }
+}

@@ -1,0 +1,81 @@
+//! The HTTP server loop: accepts TCP connections and serves each with hyper's HTTP/1
+//! connection driver and the warp routes.
+//!
+//! We run our own loop instead of `warp::serve` to set the limits an exposed service needs
+//! (header read timeout against slow-header clients, a bound on the request head size and
+//! so on the query string), to hand the peer address to the routes, and to log a client
+//! that goes away at debug level instead of as an error (under churn that is thousands of
+//! lines of noise).
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use warp::Filter;
+use warp::reply::Response;
+
+use crate::http::PeerAddr;
+
+/// A client must send its whole request head within this time.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (request line with the query string, and headers) accepted.
+/// Larger requests are answered 431 by hyper.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Serves `routes` on `listener` until `shutdown` is cancelled, then lets open
+/// connections finish (streams end themselves on shutdown) for at most `grace`.
+pub async fn serve<F>(
+    listener: TcpListener,
+    routes: F,
+    shutdown: CancellationToken,
+    grace: Duration,
+) where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let service = warp::service(routes);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Usually EMFILE (out of file descriptors): back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            let mut service = service.clone();
+            service.call(req)
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES.max(8192))
+            .serve_connection(TokioIo::new(stream), hyper_service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period; closing them");
+    }
+}

@@ -1,0 +1,162 @@
+//! One client's SSE stream: wait for `ready` (or an `error`), then the subscription's
+//! frames, a `ping` every interval, and a reconnect frame when the server shuts down.
+//!
+//! Invariants:
+//! - frames are the subscription's shared `Bytes`, never re-encoded here;
+//! - the stream is a plain state machine polled by hyper, with no task of its own: hyper
+//!   keeps polling while frames are ready and writes what it collected in one go, so a
+//!   burst leaves in a few large writes instead of one syscall per frame;
+//! - a client that falls behind its subscription's buffer skips the oldest frames and is
+//!   told so in an SSE comment; it never slows the others (`Lagged` in the broadcast);
+//! - dropping the stream (client gone) drops the [`Client`], which leaves the subscription.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::message::{self, READY};
+use crate::metrics::Metrics;
+use crate::registry::Client;
+use crate::topology::BindError;
+
+type ReadyFuture = Pin<Box<dyn Future<Output = Result<(), BindError>> + Send>>;
+
+enum Phase {
+    Waiting(ReadyFuture),
+    Streaming,
+    Done,
+}
+
+/// Settings of one stream.
+#[derive(Clone)]
+pub struct StreamSettings {
+    pub ping_interval: Duration,
+    pub ready_timeout: Duration,
+}
+
+/// The body of a connect response.
+pub struct ClientStream {
+    phase: Phase,
+    frames: BroadcastStream<Bytes>,
+    ping: Interval,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    metrics: Metrics,
+    _client: ClientGauge,
+}
+
+/// Keeps `events_gateway_connections_open` and the client's subscription for exactly as
+/// long as the stream lives.
+struct ClientGauge {
+    _client: Client,
+    metrics: Metrics,
+    counted: bool,
+}
+
+impl Drop for ClientGauge {
+    fn drop(&mut self) {
+        self.metrics.connections_open.dec();
+        if !self.counted {
+            self.metrics.connection("client_gone");
+        }
+    }
+}
+
+impl ClientStream {
+    pub fn new(
+        mut client: Client,
+        settings: &StreamSettings,
+        shutdown: CancellationToken,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.connections_open.inc();
+        let ready = Box::pin(client.ready(settings.ready_timeout));
+        // The receiver exists from the moment the client subscribed, so nothing published
+        // after `ready` can be missed.
+        let frames = match client.take_receiver() {
+            Some(rx) => BroadcastStream::new(rx),
+            None => BroadcastStream::new(tokio::sync::broadcast::channel(1).1),
+        };
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + settings.ping_interval,
+            settings.ping_interval,
+        );
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Self {
+            phase: Phase::Waiting(ready),
+            frames,
+            ping,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
+            metrics: metrics.clone(),
+            _client: ClientGauge {
+                _client: client,
+                metrics,
+                counted: false,
+            },
+        }
+    }
+
+    fn end_with(&mut self, frame: Bytes) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.phase = Phase::Done;
+        Poll::Ready(Some(Ok(frame)))
+    }
+}
+
+impl Stream for ClientStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if !matches!(this.phase, Phase::Done) && this.shutdown.as_mut().poll(cx).is_ready() {
+            // Jitter spreads the reconnections of every client over a few seconds.
+            let retry = 500 + fastrand::u64(..4500);
+            return this.end_with(message::reconnect_frame(retry));
+        }
+        match &mut this.phase {
+            Phase::Done => Poll::Ready(None),
+            Phase::Waiting(ready) => match ready.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    this.metrics.connection("ready");
+                    this._client.counted = true;
+                    this.phase = Phase::Streaming;
+                    Poll::Ready(Some(Ok(Bytes::from_static(READY))))
+                }
+                Poll::Ready(Err(err)) => {
+                    let outcome = match err {
+                        BindError::Timeout => "timeout",
+                        _ => "broker_error",
+                    };
+                    this.metrics.connection(outcome);
+                    this._client.counted = true;
+                    this.end_with(message::error_frame(&err.to_string()))
+                }
+            },
+            Phase::Streaming => {
+                match Pin::new(&mut this.frames).poll_next(cx) {
+                    Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+                    Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                        this.metrics.dropped("slow_client", missed);
+                        return Poll::Ready(Some(Ok(message::lagged_comment(missed))));
+                    }
+                    Poll::Ready(None) => {
+                        this.phase = Phase::Done;
+                        return Poll::Ready(None);
+                    }
+                    Poll::Pending => {}
+                }
+                if this.ping.poll_tick(cx).is_ready() {
+                    return Poll::Ready(Some(Ok(message::ping_frame(SystemTime::now()))));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}

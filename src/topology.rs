@@ -1,0 +1,259 @@
+//! The binding table: which `(exchange, pattern)` pairs are wanted, how many subscriptions
+//! want each, whether the broker has confirmed it, and the per-exchange topic tries that
+//! route each delivery to the subscriptions it matches.
+//!
+//! Invariants enforced here:
+//! - a binding is present exactly while at least one subscription uses it (`refs > 0`);
+//!   the broker side reconciles the broker towards [`Topology::wanted`], so the last
+//!   subscription to leave makes its binding disappear from the broker;
+//! - each delivery is encoded once and sent once per matching subscription, however many
+//!   of the subscription's patterns match its routing key and `CC` entries;
+//! - the lock is a std `RwLock`, never held across an `.await` nor while sending to
+//!   clients: dispatch copies the matching subscriptions out, then sends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use tokio::sync::watch;
+
+use crate::message::Incoming;
+use crate::metrics::Metrics;
+use crate::registry::Subscription;
+use crate::topic::TopicTrie;
+
+/// Where the broker stands on one binding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BindState {
+    /// Not (yet, or no longer) confirmed by the broker.
+    Pending,
+    /// The broker confirmed the binding (bind-ok).
+    Bound,
+    /// The broker refused it; the clients that asked are told why.
+    Failed(BindError),
+}
+
+/// Why the broker refused a binding. `Display` is the text sent to clients.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindError {
+    #[error("Exchange `{0}` does not exist")]
+    NoSuchExchange(String),
+    #[error("Access to exchange `{0}` was refused by the broker")]
+    AccessRefused(String),
+    #[error("Timed out waiting for the broker to confirm the bindings; try again later")]
+    Timeout,
+    #[error("Unknown Internal Error")]
+    Internal,
+}
+
+#[derive(Default)]
+struct ExchangeRoutes {
+    trie: TopicTrie<SubRef>,
+    bindings: HashMap<String, BindingEntry>,
+}
+
+struct BindingEntry {
+    /// Subscriptions using this binding.
+    refs: usize,
+    /// Broker state; clients waiting for `ready` watch it.
+    status: watch::Sender<BindState>,
+}
+
+/// A subscription compared by identity, as stored in the tries.
+#[derive(Clone)]
+struct SubRef(Arc<Subscription>);
+
+impl PartialEq for SubRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// The table shared by the registry (writes), the broker (reads wanted bindings, writes
+/// their state) and dispatch (reads routes).
+pub struct Topology {
+    exchanges: RwLock<HashMap<String, ExchangeRoutes>>,
+    metrics: Metrics,
+}
+
+impl Topology {
+    pub fn new(metrics: Metrics) -> Self {
+        Self {
+            exchanges: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, HashMap<String, ExchangeRoutes>> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping service, so a poisoned lock is used as is.
+        self.exchanges.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, HashMap<String, ExchangeRoutes>> {
+        self.exchanges.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Routes a new subscription's bindings to it. Returns the exchanges whose wanted
+    /// bindings changed (the broker must reconcile them).
+    pub(crate) fn add(&self, sub: &Arc<Subscription>) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut map = self.write();
+        for b in sub.bindings().iter() {
+            let ex = map.entry(b.exchange.clone()).or_default();
+            ex.trie.insert(&b.pattern, SubRef(sub.clone()));
+            match ex.bindings.get_mut(&b.pattern) {
+                Some(entry) => {
+                    entry.refs += 1;
+                    if matches!(*entry.status.borrow(), BindState::Failed(_)) {
+                        // A new subscription asks again: retry instead of failing forever.
+                        entry.status.send_replace(BindState::Pending);
+                        changed.push(b.exchange.clone());
+                    }
+                }
+                None => {
+                    let (status, _) = watch::channel(BindState::Pending);
+                    ex.bindings
+                        .insert(b.pattern.clone(), BindingEntry { refs: 1, status });
+                    changed.push(b.exchange.clone());
+                }
+            }
+        }
+        changed.dedup();
+        changed
+    }
+
+    /// Removes a departing subscription. Returns the exchanges whose wanted bindings changed.
+    pub(crate) fn remove(&self, sub: &Arc<Subscription>) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut map = self.write();
+        let me = SubRef(sub.clone());
+        for b in sub.bindings().iter() {
+            let Some(ex) = map.get_mut(&b.exchange) else {
+                continue;
+            };
+            ex.trie.remove(&b.pattern, &me);
+            if let Some(entry) = ex.bindings.get_mut(&b.pattern) {
+                entry.refs -= 1;
+                if entry.refs == 0 {
+                    ex.bindings.remove(&b.pattern);
+                    changed.push(b.exchange.clone());
+                }
+            }
+            if ex.bindings.is_empty() {
+                map.remove(&b.exchange);
+            }
+        }
+        changed.dedup();
+        changed
+    }
+
+    /// Watchers of the broker state of each binding in `sub`, for a client waiting for
+    /// `ready`.
+    pub(crate) fn statuses(&self, sub: &Subscription) -> Vec<watch::Receiver<BindState>> {
+        let map = self.read();
+        sub.bindings()
+            .iter()
+            .filter_map(|b| {
+                let entry = map.get(&b.exchange)?.bindings.get(&b.pattern)?;
+                Some(entry.status.subscribe())
+            })
+            .collect()
+    }
+
+    /// Patterns on `exchange` that should be bound on the broker now (in use and not
+    /// refused by the broker).
+    pub fn wanted(&self, exchange: &str) -> Vec<String> {
+        let map = self.read();
+        let Some(ex) = map.get(exchange) else {
+            return Vec::new();
+        };
+        ex.bindings
+            .iter()
+            .filter(|(_, e)| !matches!(*e.status.borrow(), BindState::Failed(_)))
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+
+    /// Exchanges with at least one binding in use.
+    pub fn exchanges(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
+    /// Records the broker's answer for one binding.
+    pub fn set_state(&self, exchange: &str, pattern: &str, state: BindState) {
+        let map = self.read();
+        if let Some(entry) = map.get(exchange).and_then(|ex| ex.bindings.get(pattern)) {
+            entry.status.send_replace(state);
+        }
+    }
+
+    /// Marks every binding of `exchange` that is not refused as `state` (`Pending` after a
+    /// lost connection, `Failed` when the exchange turned out not to exist).
+    pub fn set_all(&self, exchange: &str, state: BindState) {
+        let map = self.read();
+        if let Some(ex) = map.get(exchange) {
+            for entry in ex.bindings.values() {
+                if !matches!(*entry.status.borrow(), BindState::Failed(_)) {
+                    entry.status.send_replace(state.clone());
+                }
+            }
+        }
+    }
+
+    /// Sends one broker delivery to every subscription on `exchange` that it matches
+    /// (through its routing key or any `CC` entry), encoding its frame once.
+    pub fn deliver(&self, exchange: &str, msg: &Incoming<'_>) {
+        self.metrics.messages_received.inc();
+        let mut targets: Vec<Arc<Subscription>> = Vec::new();
+        {
+            let map = self.read();
+            if let Some(ex) = map.get(exchange) {
+                let mut add = |s: &SubRef| {
+                    if !targets.iter().any(|t| Arc::ptr_eq(t, &s.0)) {
+                        targets.push(s.0.clone());
+                    }
+                };
+                ex.trie.matches(msg.routing_key, &mut add);
+                for cc in &msg.cc {
+                    ex.trie.matches(cc, &mut add);
+                }
+            }
+        }
+        if targets.is_empty() {
+            self.metrics.dropped("unroutable", 1);
+            return;
+        }
+        let frame = match msg.encode() {
+            Ok(frame) => frame,
+            Err(err) => {
+                self.metrics.dropped("malformed", 1);
+                log_malformed(exchange, msg.routing_key, &err);
+                return;
+            }
+        };
+        let mut delivered = 0;
+        for sub in targets {
+            delivered += sub.send(frame.clone());
+        }
+        self.metrics.messages_delivered.inc_by(delivered as u64);
+    }
+}
+
+/// Logs a malformed message at most once per second, with how many were suppressed.
+fn log_malformed(exchange: &str, routing_key: &str, err: &crate::message::MalformedBody) {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    match &mut *last {
+        Some((at, suppressed)) if now.duration_since(*at) < Duration::from_secs(1) => {
+            *suppressed += 1;
+        }
+        _ => {
+            let suppressed = last.map(|(_, s)| s).unwrap_or(0);
+            tracing::warn!(exchange, routing_key, error = %err, suppressed, "dropped a message that is not UTF-8 JSON");
+            *last = Some((now, 0));
+        }
+    }
+}
