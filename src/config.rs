@@ -235,17 +235,20 @@ fn broker_uri(args: &Args) -> Result<AMQPUri, ConfigError> {
     let (Some(user), Some(password)) = (&args.pulse_username, &args.pulse_password) else {
         return Err(ConfigError::PulseCredentials);
     };
-    let mut uri = AMQPUri::default();
-    uri.scheme = if args.pulse_amqps {
-        AMQPScheme::AMQPS
+    let (scheme, port) = if args.pulse_amqps {
+        (AMQPScheme::AMQPS, 5671)
     } else {
-        AMQPScheme::AMQP
+        (AMQPScheme::AMQP, 5672)
+    };
+    let mut uri = AMQPUri {
+        scheme,
+        vhost: args.pulse_vhost.clone(),
+        ..Default::default()
     };
     uri.authority.host = host.clone();
-    uri.authority.port = if args.pulse_amqps { 5671 } else { 5672 };
+    uri.authority.port = port;
     uri.authority.userinfo.username = user.clone();
     uri.authority.userinfo.password = password.clone();
-    uri.vhost = args.pulse_vhost.clone();
     Ok(uri)
 }
 

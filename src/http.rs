@@ -110,11 +110,21 @@ pub fn routes(
             );
             resp
         });
-    let preflight = warp::options().map(|| {
-        let mut resp = Response::new(Default::default());
-        *resp.status_mut() = StatusCode::NO_CONTENT;
-        resp
-    });
+    // Not `warp::options()`: its method rejection would turn every unknown path into 405.
+    let preflight = warp::method()
+        .and_then(|method: warp::http::Method| async move {
+            if method == warp::http::Method::OPTIONS {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+        .map(|| {
+            let mut resp = Response::new(Default::default());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            resp
+        });
     let cors = state.cors_origin.clone();
     connect
         .or(ping)

@@ -218,7 +218,11 @@ impl AmqpBroker {
                     let reason = loop {
                         tokio::select! {
                             event = events.next() => match event {
-                                Some(Event::Error(err)) => break err.to_string(),
+                                // Channel errors (a missing exchange) are reported here too;
+                                // only a dead connection ends this loop.
+                                Some(Event::Error(err)) if !connection.status().connected() => {
+                                    break err.to_string()
+                                }
                                 Some(_) => {}
                                 None => break "connection dropped".to_owned(),
                             },
@@ -287,6 +291,11 @@ fn sanitize(s: &str) -> String {
 }
 
 /// Keeps one exchange's queue, bindings and consumer equal to what the topology wants.
+///
+/// It keeps two views of the broker: what it confirmed on the current connection
+/// (`declared`, `bound`) and what may still exist from an earlier one (`queue_may_exist`,
+/// `stale`): a queue outlives a lost connection (it is not exclusive), and so do its
+/// bindings, so patterns released during an outage are unbound after recovery.
 struct Reconciler {
     broker: Arc<AmqpBroker>,
     exchange: String,
@@ -299,11 +308,19 @@ struct Reconciler {
     /// Set by the consumer task when its stream ends (channel or connection lost, queue
     /// deleted by someone else).
     consumer_lost: Arc<AtomicBool>,
+    /// Queue declared (and consumed) on the current connection.
     declared: bool,
+    /// The queue may exist on the broker (declared on this or an earlier connection).
+    queue_may_exist: bool,
+    /// Patterns bound on the current connection.
     bound: HashSet<String>,
+    /// Patterns bound on an earlier connection that may still be on the queue.
+    stale: HashSet<String>,
+    /// What this reconciler last added to the queue and binding gauges.
+    reported: (i64, i64),
 }
 
-/// How a broker refusal affects the subscriptions that asked.
+/// Outcome of one reconciliation pass.
 enum Step {
     Done,
     /// Transient failure (connection, timeout): retry later.
@@ -323,34 +340,41 @@ impl Reconciler {
             consumer: None,
             consumer_lost: Arc::new(AtomicBool::new(false)),
             declared: false,
+            queue_may_exist: false,
             bound: HashSet::new(),
+            stale: HashSet::new(),
+            reported: (0, 0),
         }
     }
 
     async fn run(mut self) {
         let mut live_rx = self.broker.live.subscribe();
         loop {
+            let live = live_rx.borrow_and_update().clone();
             if self.broker.shutdown.is_cancelled() {
-                self.delete_queue().await;
+                if let Some(live) = &live {
+                    self.delete_queue(live).await;
+                }
+                self.report();
                 self.leave(true);
                 return;
             }
-            let live = live_rx.borrow_and_update().clone();
-            let retry = match live {
-                Some(live) => match self.reconcile(&live).await {
+            let retry = match &live {
+                Some(live) => match self.reconcile(live).await {
                     Step::Done => false,
                     Step::Retry(reason) => {
                         tracing::warn!(exchange = %self.exchange, %reason, "broker operation failed; will retry");
-                        self.forget_broker_state();
+                        self.forget_connection();
                         true
                     }
                 },
                 None => {
-                    self.forget_broker_state();
+                    self.forget_connection();
                     false
                 }
             };
-            if !self.declared && self.leave(false) {
+            self.report();
+            if !self.queue_may_exist && self.leave(false) {
                 return;
             }
             let wait_retry = async {
@@ -382,22 +406,28 @@ impl Reconciler {
         false
     }
 
-    /// After a lost connection or a failed operation nothing on the broker is assumed: the
-    /// queue is declared again (same name) and every wanted pattern bound again.
-    fn forget_broker_state(&mut self) {
+    /// Brings the queue and binding gauges up to date with this reconciler's state.
+    fn report(&mut self) {
+        let now = (
+            i64::from(self.queue_may_exist),
+            self.bound.union(&self.stale).count() as i64,
+        );
+        let metrics = &self.broker.metrics;
+        metrics.broker_queues.add(now.0 - self.reported.0);
+        metrics.broker_bindings.add(now.1 - self.reported.1);
+        self.reported = now;
+    }
+
+    /// After a lost connection or a failed operation nothing is assumed confirmed: the
+    /// queue is declared again (same name) and every wanted pattern bound again; what was
+    /// bound before is remembered as possibly still there.
+    fn forget_connection(&mut self) {
         if let Some((_, task)) = self.consumer.take() {
             task.abort();
         }
         self.ops = None;
-        if self.declared {
-            self.broker.metrics.broker_queues.dec();
-        }
         self.declared = false;
-        self.broker
-            .metrics
-            .broker_bindings
-            .sub(self.bound.len() as i64);
-        self.bound.clear();
+        self.stale.extend(self.bound.drain());
         self.generation = 0;
         self.broker
             .topology
@@ -407,7 +437,7 @@ impl Reconciler {
     async fn reconcile(&mut self, live: &Live) -> Step {
         if self.generation != live.generation || self.consumer_lost.swap(false, Ordering::AcqRel) {
             if self.generation != 0 {
-                self.forget_broker_state();
+                self.forget_connection();
             }
             self.generation = live.generation;
         }
@@ -418,7 +448,9 @@ impl Reconciler {
             .into_iter()
             .collect();
         if wanted.is_empty() {
-            self.delete_queue().await;
+            if self.queue_may_exist {
+                self.delete_queue(live).await;
+            }
             return Step::Done;
         }
         let ops = match self.ops_channel(live).await {
@@ -447,11 +479,11 @@ impl Reconciler {
         for (pattern, result) in to_bind.into_iter().zip(results) {
             match result {
                 Ok(()) => {
-                    self.bound.insert(pattern.clone());
-                    self.broker.metrics.broker_bindings.inc();
+                    self.stale.remove(&pattern);
                     self.broker
                         .topology
                         .set_state(&self.exchange, &pattern, BindState::Bound);
+                    self.bound.insert(pattern);
                 }
                 Err(err) => match refusal(&err, &self.exchange) {
                     Some(refused) => {
@@ -466,10 +498,16 @@ impl Reconciler {
                 },
             }
         }
-        let to_unbind: Vec<String> = self.bound.difference(&wanted).cloned().collect();
+        let to_unbind: Vec<String> = self
+            .bound
+            .union(&self.stale)
+            .filter(|p| !wanted.contains(*p))
+            .cloned()
+            .collect();
         if !to_unbind.is_empty() {
-            let Some(ops) = self.ops.clone() else {
-                return Step::Retry("channel closed".into());
+            let ops = match self.ops_channel(live).await {
+                Ok(ops) => ops,
+                Err(step) => return step,
             };
             let unbinds = to_unbind.iter().map(|pattern| {
                 timed(ops.queue_unbind(
@@ -483,7 +521,7 @@ impl Reconciler {
                 match result {
                     Ok(()) => {
                         self.bound.remove(pattern);
-                        self.broker.metrics.broker_bindings.dec();
+                        self.stale.remove(pattern);
                     }
                     Err(err) => retry = Some(err.to_string()),
                 }
@@ -523,17 +561,7 @@ impl Reconciler {
         ))
         .await;
         if let Err(err) = check {
-            return match refusal(&err, &self.exchange) {
-                Some(refused) => {
-                    self.ops = None;
-                    tracing::info!(exchange = %self.exchange, error = %refused, "binding refused");
-                    self.broker
-                        .topology
-                        .set_all(&self.exchange, BindState::Failed(refused));
-                    Ok(false)
-                }
-                None => Err(Step::Retry(err.to_string())),
-            };
+            return self.refused(err);
         }
         let settings = &self.broker.settings;
         let mut args = FieldTable::default();
@@ -562,21 +590,28 @@ impl Reconciler {
         };
         if let Err(err) = timed(ops.queue_declare(self.queue.as_str().into(), options, args)).await
         {
-            return match refusal(&err, &self.exchange) {
-                Some(refused) => {
-                    self.ops = None;
-                    self.broker
-                        .topology
-                        .set_all(&self.exchange, BindState::Failed(refused));
-                    Ok(false)
-                }
-                None => Err(Step::Retry(err.to_string())),
-            };
+            return self.refused(err);
         }
         self.declared = true;
-        self.broker.metrics.broker_queues.inc();
+        self.queue_may_exist = true;
         self.start_consumer(live).await.map_err(Step::Retry)?;
         Ok(true)
+    }
+
+    /// A failed declare: final refusals fail every binding of the exchange (`Ok(false)`),
+    /// anything else is retried.
+    fn refused(&mut self, err: TimedError) -> Result<bool, Step> {
+        match refusal(&err, &self.exchange) {
+            Some(refused) => {
+                self.ops = None;
+                tracing::info!(exchange = %self.exchange, error = %refused, "bindings refused");
+                self.broker
+                    .topology
+                    .set_all(&self.exchange, BindState::Failed(refused));
+                Ok(false)
+            }
+            None => Err(Step::Retry(err.to_string())),
+        }
     }
 
     async fn start_consumer(&mut self, live: &Live) -> Result<(), String> {
@@ -607,32 +642,31 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Stops consuming and deletes the queue (its bindings go with it).
-    async fn delete_queue(&mut self) {
-        if !self.declared {
-            return;
-        }
+    /// Stops consuming and deletes the queue (its bindings go with it). If that fails the
+    /// queue still disappears by itself once unused for `x-expires`.
+    async fn delete_queue(&mut self, live: &Live) {
         if let Some((channel, task)) = self.consumer.take() {
             task.abort();
             let _ = timed(channel.close(200, "no longer needed".into())).await;
         }
-        if let Some(ops) = self.ops.clone() {
-            let deleted =
-                timed(ops.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()))
-                    .await;
-            if let Err(err) = deleted {
-                // The queue expires on its own (`x-expires`) if we cannot delete it now.
+        self.declared = false;
+        let Ok(ops) = self.ops_channel(live).await else {
+            return;
+        };
+        let deleted =
+            timed(ops.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()))
+                .await;
+        match deleted {
+            Ok(_) => {
+                self.queue_may_exist = false;
+                self.bound.clear();
+                self.stale.clear();
+            }
+            Err(err) => {
                 tracing::debug!(queue = %self.queue, error = %err, "could not delete queue");
                 self.ops = None;
             }
         }
-        self.broker.metrics.broker_queues.dec();
-        self.broker
-            .metrics
-            .broker_bindings
-            .sub(self.bound.len() as i64);
-        self.bound.clear();
-        self.declared = false;
     }
 }
 

@@ -1,0 +1,465 @@
+//! Shared test helpers: start a real gateway on port 0 against the real RabbitMQ, talk to
+//! it over HTTP, publish through the broker, and count the broker's own objects.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use events_gateway::{Config, Running};
+use eventsource_stream::{Event, Eventsource};
+use futures_util::{Stream, StreamExt};
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions};
+use lapin::types::{AMQPValue, FieldArray, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Where the tests find RabbitMQ (override with TEST_AMQP_URL).
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A short random tag that keeps one test's broker objects apart from another's.
+pub fn unique() -> String {
+    format!("{:08x}", fastrand::u32(..))
+}
+
+/// A gateway running inside the test process.
+pub struct TestGateway {
+    pub running: Option<Running>,
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub queue_prefix: String,
+}
+
+impl TestGateway {
+    /// Starts a gateway on 127.0.0.1:0 with test-friendly settings plus `extra` flags.
+    pub async fn start(extra: &[&str]) -> Self {
+        let broker = Broker::connect().await;
+        drop(broker);
+        Self::start_unchecked(extra).await
+    }
+
+    /// Same, without first checking that RabbitMQ is up (for tests of broker outages).
+    pub async fn start_unchecked(extra: &[&str]) -> Self {
+        init_logs();
+        let queue_prefix = format!("queue/guest/events-gateway-test-{}", unique());
+        let mut args = vec![
+            "events-gateway".to_owned(),
+            "--listen-address=127.0.0.1".to_owned(),
+            "--port=0".to_owned(),
+            format!("--queue-prefix={queue_prefix}"),
+            "--shutdown-grace=5s".to_owned(),
+        ];
+        if !extra.iter().any(|a| a.starts_with("--amqp-url")) {
+            args.push(format!("--amqp-url={}", amqp_url()));
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let config = Config::parse_from(args).expect("test config is valid");
+        let running = events_gateway::start(config).await.expect("gateway starts");
+        let addr = running.local_addr();
+        Self {
+            running: Some(running),
+            addr,
+            http: reqwest::Client::new(),
+            queue_prefix,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Waits until the gateway's broker connection is up.
+    pub async fn wait_connected(&self) {
+        let running = self.running.as_ref().expect("running");
+        eventually(Duration::from_secs(10), || running.broker().is_connected()).await;
+    }
+
+    /// Opens an SSE stream for `bindings` (a list of (exchange, pattern)).
+    pub async fn connect(&self, bindings: &[(&str, &str)]) -> SseClient {
+        self.connect_query(&bindings_query(bindings)).await
+    }
+
+    /// Opens an SSE stream with a raw query string (without `?`).
+    pub async fn connect_query(&self, query: &str) -> SseClient {
+        let url = self.url(&format!("/api/events/v1/connect/?{query}"));
+        let resp = self.http.get(url).send().await.expect("connect");
+        SseClient::from_response(resp)
+    }
+
+    /// The value of one metric series in /metrics (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Drains and stops the gateway.
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// Tests are quiet unless TEST_LOG is set (to a tracing filter such as `debug`).
+fn init_logs() {
+    if let Ok(filter) = std::env::var("TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// `bindings=<urlencoded JSON>` for a list of (exchange, pattern).
+pub fn bindings_query(bindings: &[(&str, &str)]) -> String {
+    let list: Vec<_> = bindings
+        .iter()
+        .map(|(e, p)| serde_json::json!({"exchange": e, "routingKeyPattern": p}))
+        .collect();
+    let json = serde_json::json!({ "bindings": list }).to_string();
+    format!("bindings={}", urlencode(&json))
+}
+
+pub fn urlencode(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// An SSE client (reqwest + eventsource-stream).
+pub struct SseClient {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    events: std::pin::Pin<Box<dyn Stream<Item = Result<Event, String>> + Send>>,
+}
+
+impl SseClient {
+    pub fn from_response(resp: reqwest::Response) -> Self {
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let events = resp
+            .bytes_stream()
+            .eventsource()
+            .map(|r| r.map_err(|e| e.to_string()));
+        Self {
+            status,
+            headers,
+            events: Box::pin(events),
+        }
+    }
+
+    /// The next event, or `None` if the stream ended; panics after `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
+        match tokio::time::timeout(within, self.events.next()).await {
+            Ok(Some(Ok(event))) => Some(event),
+            Ok(Some(Err(err))) => panic!("stream error: {err}"),
+            Ok(None) => None,
+            Err(_) => panic!("no event within {within:?}"),
+        }
+    }
+
+    /// The next event (5 s at most).
+    pub async fn next(&mut self) -> Option<Event> {
+        self.next_within(Duration::from_secs(5)).await
+    }
+
+    /// The next event, which must be of `kind`; returns its data.
+    pub async fn expect(&mut self, kind: &str) -> String {
+        let event = self
+            .next()
+            .await
+            .unwrap_or_else(|| panic!("stream ended, expected {kind}"));
+        assert_eq!(event.event, kind, "unexpected event: {event:?}");
+        assert_eq!(event.id, "-", "every event carries id: -");
+        event.data
+    }
+
+    /// Asserts that no event arrives within `within`.
+    pub async fn expect_silence(&mut self, within: Duration) {
+        if let Ok(item) = tokio::time::timeout(within, self.events.next()).await {
+            panic!("expected silence, got {item:?}");
+        }
+    }
+
+    /// Asserts the stream ends (after at most 5 s).
+    pub async fn expect_end(&mut self) {
+        let item = self.next().await;
+        assert!(item.is_none(), "expected the stream to end, got {item:?}");
+    }
+}
+
+/// A raw HTTP/1.0 client: the response body is not chunk-encoded, so the SSE bytes can be
+/// compared exactly, and the test controls when (and whether) it reads.
+pub struct RawClient {
+    pub stream: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn get(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> Self {
+        let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+        let mut req = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .expect("send request");
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads until `buf` contains `needle` (or panics after `within`).
+    pub async fn read_until(&mut self, needle: &[u8], within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !contains(&self.buf, needle) {
+            let mut chunk = [0u8; 65536];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "did not see {:?} within {within:?}; got {:?}",
+                        String::from_utf8_lossy(needle),
+                        String::from_utf8_lossy(&self.buf)
+                    )
+                })
+                .expect("read");
+            if n == 0 {
+                panic!(
+                    "connection closed before {:?}; got {:?}",
+                    String::from_utf8_lossy(needle),
+                    String::from_utf8_lossy(&self.buf)
+                );
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Reads everything until the server closes the connection.
+    pub async fn read_to_end(&mut self, within: Duration) {
+        tokio::time::timeout(within, self.stream.read_to_end(&mut self.buf))
+            .await
+            .expect("server closes the connection in time")
+            .expect("read");
+    }
+
+    /// The response head and body, split at the blank line.
+    pub fn head_and_body(&self) -> (String, &[u8]) {
+        let at = find(&self.buf, b"\r\n\r\n").expect("complete response head");
+        (
+            String::from_utf8_lossy(&self.buf[..at]).into_owned(),
+            &self.buf[at + 4..],
+        )
+    }
+}
+
+pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    find(hay, needle).is_some()
+}
+
+pub fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A test's own AMQP connection: declares exchanges and publishes.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Broker {
+    /// Connects, or fails the test with how to start RabbitMQ.
+    pub async fn connect() -> Self {
+        let url = amqp_url();
+        let connection = match tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&url, ConnectionProperties::default()),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(err)) => panic!(
+                "RabbitMQ is not reachable at 127.0.0.1:5672 ({err}). These tests need a real broker: \
+                 start one with `rabbitmq-server -detached && rabbitmqctl await_startup` \
+                 (or set TEST_AMQP_URL)."
+            ),
+            Err(_) => panic!(
+                "RabbitMQ did not answer within 10 s. Start it with \
+                 `rabbitmq-server -detached && rabbitmqctl await_startup` (or set TEST_AMQP_URL)."
+            ),
+        };
+        let channel = connection.create_channel().await.expect("channel");
+        Self {
+            connection,
+            channel,
+        }
+    }
+
+    /// Declares a topic exchange with a unique name `exchange/test/<tag>/<name>`.
+    pub async fn exchange(&self, name: &str) -> String {
+        let exchange = format!("exchange/test/{}/{name}", unique());
+        self.channel
+            .exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    auto_delete: false,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        exchange
+    }
+
+    pub async fn delete_exchange(&self, exchange: &str) {
+        let _ = self
+            .channel
+            .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+
+    /// Publishes `body` with `routing_key` and a `CC` header (if not empty).
+    pub async fn publish(&self, exchange: &str, routing_key: &str, cc: &[&str], body: &[u8]) {
+        let props = cc_properties(cc);
+        self.channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publish confirm");
+    }
+}
+
+/// Message properties with a `CC` header (an array of strings), as Pulse publishers send.
+pub fn cc_properties(cc: &[&str]) -> BasicProperties {
+    if cc.is_empty() {
+        return BasicProperties::default();
+    }
+    let list: Vec<AMQPValue> = cc
+        .iter()
+        .map(|c| AMQPValue::LongString((*c).into()))
+        .collect();
+    let mut headers = FieldTable::default();
+    headers.insert("CC".into(), AMQPValue::FieldArray(FieldArray::from(list)));
+    BasicProperties::default().with_headers(headers)
+}
+
+/// The broker's own view (rabbitmqctl), filtered to one queue-name prefix.
+#[derive(Debug, PartialEq, Eq, Default)]
+pub struct BrokerObjects {
+    pub queues: Vec<String>,
+    /// (exchange, queue, routing key), default-exchange bindings excluded.
+    pub bindings: Vec<(String, String, String)>,
+    pub consumers: usize,
+}
+
+pub async fn broker_objects(queue_prefix: &str) -> BrokerObjects {
+    let queues = rabbitmqctl(&["list_queues", "name", "consumers"]).await;
+    let bindings = rabbitmqctl(&[
+        "list_bindings",
+        "source_name",
+        "destination_name",
+        "routing_key",
+    ])
+    .await;
+    let mut out = BrokerObjects::default();
+    for q in queues {
+        let name = q["name"].as_str().unwrap_or_default();
+        if name.starts_with(queue_prefix) {
+            out.queues.push(name.to_owned());
+            out.consumers += q["consumers"].as_u64().unwrap_or(0) as usize;
+        }
+    }
+    for b in bindings {
+        let source = b["source_name"].as_str().unwrap_or_default();
+        let dest = b["destination_name"].as_str().unwrap_or_default();
+        if !source.is_empty() && dest.starts_with(queue_prefix) {
+            out.bindings.push((
+                source.to_owned(),
+                dest.to_owned(),
+                b["routing_key"].as_str().unwrap_or_default().to_owned(),
+            ));
+        }
+    }
+    out.queues.sort();
+    out.bindings.sort();
+    out
+}
+
+async fn rabbitmqctl(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .args(["-q", "--formatter", "json"])
+        .output()
+        .await
+        .expect("rabbitmqctl runs (it comes with rabbitmq-server)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("rabbitmqctl prints JSON")
+}
+
+/// Polls `check` until it holds, or panics after `within`.
+pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the broker until its objects under `prefix` satisfy `check`; returns them.
+pub async fn broker_eventually(
+    prefix: &str,
+    within: Duration,
+    check: impl Fn(&BrokerObjects) -> bool,
+) -> BrokerObjects {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let objects = broker_objects(prefix).await;
+        if check(&objects) {
+            return objects;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "broker objects not as expected within {within:?}: {objects:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Parses a `message` event's data.
+pub fn message_json(data: &str) -> serde_json::Value {
+    serde_json::from_str(data).expect("message data is JSON")
+}

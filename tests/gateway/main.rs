@@ -1,0 +1,8 @@
+//! Integration tests: each starts the real gateway on a free port and talks HTTP to it,
+//! with a real RabbitMQ behind it (127.0.0.1:5672, guest/guest; TEST_AMQP_URL overrides).
+//! Without RabbitMQ they fail and say how to start it.
+
+mod helpers;
+mod protocol;
+mod sharing;
+mod topic;

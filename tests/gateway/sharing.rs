@@ -1,0 +1,283 @@
+//! Shared subscriptions: broker objects do not grow with clients, every client gets each
+//! matching message exactly once, failures stay with the clients that caused them.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_clients_on_ten_patterns_make_two_queues_and_ten_bindings() {
+    let broker = Broker::connect().await;
+    let exchanges = [broker.exchange("a").await, broker.exchange("b").await];
+    let gw = TestGateway::start(&[]).await;
+    let pairs: Vec<(String, String)> = (0..10)
+        .map(|i| (exchanges[i % 2].clone(), format!("route.p{i}.#")))
+        .collect();
+
+    // Arrange: 500 clients, 50 on each of the 10 (exchange, pattern) pairs.
+    let clients = join_all((0..500).map(|i| {
+        let (ex, pattern) = &pairs[i % 10];
+        let gw = &gw;
+        async move {
+            let mut client = gw.connect(&[(ex, pattern)]).await;
+            assert_eq!(client.expect("ready").await, "{}");
+            client
+        }
+    }))
+    .await;
+
+    // Assert: the broker's own objects.
+    let objects = broker_objects(&gw.queue_prefix).await;
+    assert_eq!(objects.queues.len(), 2, "{objects:?}");
+    assert_eq!(objects.bindings.len(), 10, "{objects:?}");
+    assert_eq!(objects.consumers, 2, "{objects:?}");
+    assert_eq!(gw.metric("events_gateway_subscriptions").await, 10.0);
+    assert_eq!(gw.metric("events_gateway_broker_bindings").await, 10.0);
+    assert_eq!(gw.metric("events_gateway_broker_queues").await, 2.0);
+    assert_eq!(gw.metric("events_gateway_connections_open").await, 500.0);
+
+    // Act: one message per pair (routed through a CC route); every client gets its own.
+    for (i, (ex, _)) in pairs.iter().enumerate() {
+        let route = format!("route.p{i}.x");
+        let body = format!("{{\"pair\":{i}}}");
+        broker
+            .publish(ex, "primary.key", &[&route], body.as_bytes())
+            .await;
+    }
+    let mut clients = clients;
+    join_all(
+        clients
+            .iter_mut()
+            .enumerate()
+            .map(|(i, client)| async move {
+                let msg = message_json(&client.expect("message").await);
+                assert_eq!(msg["payload"]["pair"], (i % 10) as u64);
+                client.expect_silence(Duration::from_millis(200)).await;
+            }),
+    )
+    .await;
+    assert_eq!(
+        gw.metric("events_gateway_messages_delivered_total").await,
+        500.0
+    );
+
+    // Everything disappears within 5 s after the clients leave.
+    drop(clients);
+    broker_eventually(&gw.queue_prefix, Duration::from_secs(5), |o| {
+        o.queues.is_empty() && o.bindings.is_empty()
+    })
+    .await;
+    let registry = gw.running.as_ref().expect("running").registry().clone();
+    eventually(Duration::from_secs(5), || registry.is_empty()).await;
+    gw.shutdown().await;
+    for ex in &exchanges {
+        broker.delete_exchange(ex).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_leaving_before_ready_or_mid_binding_leave_nothing_behind() {
+    let broker = Broker::connect().await;
+    let exchanges = [broker.exchange("a").await, broker.exchange("b").await];
+    let gw = TestGateway::start(&[]).await;
+    gw.wait_connected().await;
+
+    for round in 0..3u64 {
+        // Each client asks for new patterns and leaves after 0–30 ms: some before the
+        // broker round trips start, some in the middle of binding, some after ready.
+        join_all((0..200u64).map(|i| {
+            let gw = &gw;
+            let exchanges = &exchanges;
+            async move {
+                let a = format!("r{round}.c{}.#", i % 40);
+                let b = format!("r{round}.c{}.*", i % 7);
+                let client = gw
+                    .connect(&[(&exchanges[(i % 2) as usize], &a), (&exchanges[1], &b)])
+                    .await;
+                tokio::time::sleep(Duration::from_millis(i % 31)).await;
+                drop(client);
+            }
+        }))
+        .await;
+    }
+    broker_eventually(&gw.queue_prefix, Duration::from_secs(5), |o| {
+        o.queues.is_empty() && o.bindings.is_empty()
+    })
+    .await;
+    let registry = gw.running.as_ref().expect("running").registry().clone();
+    eventually(Duration::from_secs(5), || registry.is_empty()).await;
+    assert_eq!(gw.metric("events_gateway_connections_open").await, 0.0);
+    assert_eq!(gw.metric("events_gateway_broker_bindings").await, 0.0);
+    assert_eq!(gw.metric("events_gateway_broker_queues").await, 0.0);
+    gw.shutdown().await;
+    for ex in &exchanges {
+        broker.delete_exchange(ex).await;
+    }
+}
+
+#[tokio::test]
+async fn each_client_gets_each_matching_message_exactly_once() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("once").await;
+    let gw = TestGateway::start(&[]).await;
+    // Several of this set's bindings match the same message, via key and via CC.
+    let set = [
+        (ex.as_str(), "a.#"),
+        (ex.as_str(), "*.b"),
+        (ex.as_str(), "#"),
+        (ex.as_str(), "route.x"),
+    ];
+    let mut shared1 = gw.connect(&set).await;
+    let mut shared2 = gw.connect(&set).await;
+    let mut narrow = gw.connect(&[(ex.as_str(), "route.x")]).await;
+    for c in [&mut shared1, &mut shared2, &mut narrow] {
+        c.expect("ready").await;
+    }
+    broker
+        .publish(&ex, "a.b", &["route.x", "route.y"], b"{\"n\":1}")
+        .await;
+    broker.publish(&ex, "zzz", &["route.x"], b"{\"n\":2}").await;
+    broker.publish(&ex, "a.q", &[], b"{\"n\":3}").await;
+    for c in [&mut shared1, &mut shared2] {
+        for n in 1..=3 {
+            assert_eq!(message_json(&c.expect("message").await)["payload"]["n"], n);
+        }
+        c.expect_silence(Duration::from_millis(300)).await;
+    }
+    for n in 1..=2 {
+        let msg = message_json(&narrow.expect("message").await);
+        assert_eq!(msg["payload"]["n"], n);
+        assert_eq!(
+            msg["routes"],
+            serde_json::json!(&["x", "y"][..(3 - n) as usize])
+        );
+    }
+    narrow.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(gw.metric("events_gateway_subscriptions").await, 2.0);
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_dropped_and_counted_and_nothing_else_breaks() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("bad").await;
+    let gw = TestGateway::start(&[]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+    broker.publish(&ex, "k", &[], b"not json {").await;
+    broker.publish(&ex, "k", &[], b"\xff\xfe\x00").await;
+    broker.publish(&ex, "k", &[], b"{\"ok\":true}").await;
+    let msg = message_json(&client.expect("message").await);
+    assert_eq!(msg["payload"]["ok"], true);
+    assert_eq!(
+        gw.metric("events_gateway_messages_dropped_total{reason=\"malformed\"}")
+            .await,
+        2.0
+    );
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test]
+async fn a_missing_exchange_fails_only_its_own_clients_and_leaves_nothing() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("present").await;
+    let missing = format!("exchange/test/{}/does-not-exist", unique());
+    let gw = TestGateway::start(&[]).await;
+    let mut other = gw.connect(&[(&ex, "#")]).await;
+    other.expect("ready").await;
+
+    let mut failing = gw
+        .connect(&[(&ex, "#"), (&ex, "other.#"), (&missing, "#")])
+        .await;
+    assert_eq!(
+        failing.expect("error").await,
+        format!("\"Exchange `{missing}` does not exist\"")
+    );
+    failing.expect_end().await;
+    drop(failing);
+
+    broker.publish(&ex, "k", &[], b"{\"still\":\"here\"}").await;
+    assert_eq!(
+        message_json(&other.expect("message").await)["payload"]["still"],
+        "here"
+    );
+    let objects = broker_eventually(&gw.queue_prefix, Duration::from_secs(5), |o| {
+        o.bindings.len() == 1
+    })
+    .await;
+    assert_eq!(
+        objects.queues.len(),
+        1,
+        "no queue for the missing exchange: {objects:?}"
+    );
+    assert_eq!(objects.bindings[0].0, ex);
+    assert_eq!(
+        gw.metric("events_gateway_connections_total{outcome=\"broker_error\"}")
+            .await,
+        1.0
+    );
+
+    // Once the exchange exists, the same bindings work.
+    let created = broker.exchange("late").await;
+    let mut late = gw.connect(&[(&created, "#")]).await;
+    late.expect("ready").await;
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+    broker.delete_exchange(&created).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_loses_its_oldest_frames_and_slows_nobody() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("slow").await;
+    let gw = TestGateway::start(&["--subscription-buffer=64"]).await;
+    let query = bindings_query(&[(&ex, "#")]);
+    // The stuck client: a raw socket that reads the head, then stops reading.
+    let mut stuck = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
+    stuck
+        .read_until(b"event: ready", Duration::from_secs(5))
+        .await;
+    let mut fast = gw.connect(&[(&ex, "#")]).await;
+    fast.expect("ready").await;
+
+    // Enough data to fill the socket buffers many times over.
+    let filler = "x".repeat(32 * 1024);
+    let total = 600;
+    let reader = tokio::spawn(async move {
+        for n in 0..total {
+            let msg = message_json(&fast.expect("message").await);
+            assert_eq!(
+                msg["payload"]["n"], n,
+                "the fast client gets every message in order"
+            );
+        }
+    });
+    for n in 0..total {
+        let body = format!("{{\"n\":{n},\"filler\":\"{filler}\"}}");
+        broker.publish(&ex, "k", &[], body.as_bytes()).await;
+        // Paced so that a client that reads keeps up with a 64-frame buffer.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("fast client is not held back")
+        .expect("fast client");
+
+    // The stuck client now reads: it is told how many it lost.
+    stuck
+        .read_until(
+            b"messages were dropped because this client reads too slowly",
+            Duration::from_secs(10),
+        )
+        .await;
+    let dropped = gw
+        .metric("events_gateway_messages_dropped_total{reason=\"slow_client\"}")
+        .await;
+    assert!(dropped > 0.0, "drops are counted");
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
