@@ -28,7 +28,7 @@ pub struct Args {
     pub port: u16,
 
     /// Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Overrides the PULSE_* set.
-    /// Default: the PULSE_* set if PULSE_HOSTNAME is given, else a local RabbitMQ.
+    /// Without it and without PULSE_HOSTNAME the gateway runs on its embedded broker.
     #[arg(long, env = "AMQP_URL", hide_env_values = true)]
     pub amqp_url: Option<String>,
 
@@ -55,6 +55,19 @@ pub struct Args {
     /// Queue name prefix; default queue/<user>/events-gateway (Pulse requires queue/<user>/).
     #[arg(long, env = "QUEUE_PREFIX")]
     pub queue_prefix: Option<String>,
+
+    /// Most SSE connections this process serves at once (keep it below the process's
+    /// open-file limit); more get 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
+    pub max_connections: usize,
+
+    /// Embedded broker only: publish demo Taskcluster task events.
+    #[arg(long, env = "DEMO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo: bool,
+
+    /// Embedded broker only: demo messages per second.
+    #[arg(long, env = "DEMO_RATE", default_value_t = 5.0)]
+    pub demo_rate: f64,
 
     /// Most bindings one connection may ask for.
     #[arg(long, env = "MAX_BINDINGS", default_value_t = 100)]
@@ -109,7 +122,8 @@ pub struct Args {
 #[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub amqp: AmqpSettings,
+    pub broker: BrokerSettings,
+    pub max_connections: usize,
     pub limits: Limits,
     pub ping_interval: Duration,
     pub ready_timeout: Duration,
@@ -124,7 +138,8 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
-            .field("amqp", &self.amqp)
+            .field("broker", &self.broker)
+            .field("max_connections", &self.max_connections)
             .field("limits", &self.limits)
             .field("ping_interval", &self.ping_interval)
             .field("ready_timeout", &self.ready_timeout)
@@ -133,6 +148,23 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
+}
+
+/// Which broker to use.
+#[derive(Clone, Debug)]
+pub enum BrokerSettings {
+    /// RabbitMQ or Pulse.
+    Amqp(AmqpSettings),
+    /// The in-process broker, optionally with the demo generator.
+    Embedded(Demo),
+}
+
+/// The demo generator of the embedded broker.
+#[derive(Clone, Debug)]
+pub struct Demo {
+    pub enabled: bool,
+    /// Messages per second.
+    pub rate: f64,
 }
 
 /// A setting that cannot be used. The text names the setting, never its secret value.
@@ -146,10 +178,9 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("QUEUE_PREFIX is too long ({0} bytes; at most 150)")]
     QueuePrefix(usize),
+    #[error("DEMO_RATE must be between 0.01 and 10000 messages per second")]
+    DemoRate,
 }
-
-/// The broker a fresh checkout talks to: the local RabbitMQ with its default user.
-pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 impl Config {
     /// Parses command-line arguments (the first is the program name) and the environment.
@@ -164,21 +195,41 @@ impl Config {
 
     /// Validates parsed arguments.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let uri = broker_uri(&args)?;
-        let user = if uri.authority.userinfo.username.is_empty() {
-            "guest".to_owned()
-        } else {
-            uri.authority.userinfo.username.clone()
+        let broker = match broker_uri(&args)? {
+            Some(uri) => {
+                let user = if uri.authority.userinfo.username.is_empty() {
+                    "guest".to_owned()
+                } else {
+                    uri.authority.userinfo.username.clone()
+                };
+                let queue_prefix = args
+                    .queue_prefix
+                    .clone()
+                    .unwrap_or_else(|| format!("queue/{user}/events-gateway"));
+                if queue_prefix.len() > 150 {
+                    return Err(ConfigError::QueuePrefix(queue_prefix.len()));
+                }
+                BrokerSettings::Amqp(AmqpSettings {
+                    uri,
+                    queue_prefix,
+                    prefetch: args.prefetch,
+                    queue_max_length: args.queue_max_length,
+                    queue_expires: args.queue_expires,
+                })
+            }
+            None => {
+                if !(0.01..=10_000.0).contains(&args.demo_rate) {
+                    return Err(ConfigError::DemoRate);
+                }
+                BrokerSettings::Embedded(Demo {
+                    enabled: args.demo,
+                    rate: args.demo_rate,
+                })
+            }
         };
-        let queue_prefix = args
-            .queue_prefix
-            .clone()
-            .unwrap_or_else(|| format!("queue/{user}/events-gateway"));
-        if queue_prefix.len() > 150 {
-            return Err(ConfigError::QueuePrefix(queue_prefix.len()));
-        }
         for (name, value) in [
             ("MAX_BINDINGS", args.max_bindings),
+            ("MAX_CONNECTIONS", args.max_connections),
             ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
             ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
             ("PREFETCH", args.prefetch as usize),
@@ -199,13 +250,8 @@ impl Config {
             .collect();
         Ok(Self {
             listen: SocketAddr::new(args.listen_address, args.port),
-            amqp: AmqpSettings {
-                uri,
-                queue_prefix,
-                prefetch: args.prefetch,
-                queue_max_length: args.queue_max_length,
-                queue_expires: args.queue_expires,
-            },
+            broker,
+            max_connections: args.max_connections,
             limits: Limits {
                 max_bindings: args.max_bindings,
                 allowed_exchange_prefixes,
@@ -221,16 +267,14 @@ impl Config {
     }
 }
 
-/// `AMQP_URL` if given; else the PULSE_* set if `PULSE_HOSTNAME` is given; else the local
-/// default.
-fn broker_uri(args: &Args) -> Result<AMQPUri, ConfigError> {
-    if let Some(url) = &args.amqp_url {
-        return url.parse().map_err(|_| ConfigError::BadAmqpUrl);
+/// `AMQP_URL` if given; else the PULSE_* set if `PULSE_HOSTNAME` is given; else none (the
+/// embedded broker).
+fn broker_uri(args: &Args) -> Result<Option<AMQPUri>, ConfigError> {
+    if let Some(url) = args.amqp_url.as_deref().filter(|u| !u.is_empty()) {
+        return url.parse().map(Some).map_err(|_| ConfigError::BadAmqpUrl);
     }
-    let Some(host) = &args.pulse_hostname else {
-        return DEFAULT_AMQP_URL
-            .parse()
-            .map_err(|_| ConfigError::BadAmqpUrl);
+    let Some(host) = args.pulse_hostname.as_deref().filter(|h| !h.is_empty()) else {
+        return Ok(None);
     };
     let (Some(user), Some(password)) = (&args.pulse_username, &args.pulse_password) else {
         return Err(ConfigError::PulseCredentials);
@@ -245,11 +289,11 @@ fn broker_uri(args: &Args) -> Result<AMQPUri, ConfigError> {
         vhost: args.pulse_vhost.clone(),
         ..Default::default()
     };
-    uri.authority.host = host.clone();
+    uri.authority.host = host.to_owned();
     uri.authority.port = port;
     uri.authority.userinfo.username = user.clone();
     uri.authority.userinfo.password = password.clone();
-    Ok(uri)
+    Ok(Some(uri))
 }
 
 #[cfg(test)]
@@ -260,14 +304,31 @@ mod tests {
         Config::parse_from(std::iter::once("events-gateway").chain(args.iter().copied()))
     }
 
+    fn amqp(c: &Config) -> &AmqpSettings {
+        match &c.broker {
+            BrokerSettings::Amqp(a) => a,
+            BrokerSettings::Embedded(_) => panic!("expected AMQP settings"),
+        }
+    }
+
     #[test]
-    fn defaults_talk_to_a_local_rabbitmq() {
+    fn defaults_run_the_embedded_broker_with_the_demo() {
         let c = parse(&[]).expect("defaults are valid");
         assert_eq!(c.listen.port(), 12345);
-        assert_eq!(c.amqp.uri.authority.host, "127.0.0.1");
-        assert_eq!(c.amqp.queue_prefix, "queue/guest/events-gateway");
+        assert!(matches!(
+            c.broker,
+            BrokerSettings::Embedded(Demo { enabled: true, .. })
+        ));
         assert_eq!(c.limits.max_bindings, 100);
+        assert_eq!(c.max_connections, 15_000);
         assert_eq!(c.ping_interval, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn amqp_url_selects_rabbitmq() {
+        let c = parse(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"]).expect("valid");
+        assert_eq!(amqp(&c).uri.authority.host, "127.0.0.1");
+        assert_eq!(amqp(&c).queue_prefix, "queue/guest/events-gateway");
     }
 
     #[test]
@@ -281,9 +342,9 @@ mod tests {
             "s3cret",
         ])
         .expect("valid");
-        assert_eq!(c.amqp.uri.scheme, AMQPScheme::AMQPS);
-        assert_eq!(c.amqp.uri.authority.port, 5671);
-        assert_eq!(c.amqp.queue_prefix, "queue/me/events-gateway");
+        assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(amqp(&c).uri.authority.port, 5671);
+        assert_eq!(amqp(&c).queue_prefix, "queue/me/events-gateway");
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 

@@ -8,6 +8,7 @@
 //! | `GET /__heartbeat__` | 200 while the broker connection is up, 503 otherwise or when draining |
 //! | `GET /__version__` | `{"version","commit","source","build"}` |
 //! | `GET /metrics` | Prometheus text format |
+//! | `POST /api/events/v1/publish` | embedded broker only: publish a message |
 //! | `OPTIONS *` | CORS preflight |
 //!
 //! Every response carries the CORS and security headers Taskcluster's lib-api sends.
@@ -22,12 +23,13 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use crate::binding::MAX_NAME_BYTES;
 use crate::binding::{self, Limits};
-use crate::broker::AmqpBroker;
+use crate::broker::Broker;
 use crate::message;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::sse::{ClientStream, StreamSettings};
+use crate::sse::{ClientStream, Slots, StreamSettings};
 
 /// Paths that serve the SSE stream (each also with a final `/`).
 const CONNECT_PATHS: &[&str] = &["/api/events/v1/connect", "/events/v1/connect"];
@@ -39,7 +41,9 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 /// What the handlers share.
 pub struct State {
     pub registry: Arc<Registry>,
-    pub broker: Arc<AmqpBroker>,
+    pub broker: Broker,
+    /// Admission of SSE connections (MAX_CONNECTIONS).
+    pub slots: Arc<Slots>,
     pub metrics: Metrics,
     pub limits: Limits,
     pub stream: StreamSettings,
@@ -57,8 +61,8 @@ pub fn routes(
         let state = state.clone();
         warp::any().map(move || state.clone())
     };
-    let connect = warp::get()
-        .and(warp::path::full())
+    // Paths are matched before methods so that an unknown path is 404, not 405.
+    let connect = warp::path::full()
         .and_then(|path: warp::path::FullPath| async move {
             let p = path.as_str();
             let p = p.strip_suffix('/').unwrap_or(p);
@@ -69,6 +73,7 @@ pub fn routes(
             }
         })
         .untuple_one()
+        .and(warp::get())
         .and(warp::header::headers_cloned())
         .and(
             warp::query::raw()
@@ -79,8 +84,8 @@ pub fn routes(
         .and(warp::ext::optional::<PeerAddr>())
         .and(with_state.clone())
         .map(connect);
-    let ping = warp::get()
-        .and(warp::path!("api" / "events" / "v1" / "ping"))
+    let ping = warp::path!("api" / "events" / "v1" / "ping")
+        .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<State>| {
             let uptime = state.started.elapsed().as_secs_f64();
@@ -89,18 +94,18 @@ pub fn routes(
                 &serde_json::json!({"alive": true, "uptime": uptime}),
             )
         });
-    let lbheartbeat = warp::get()
-        .and(warp::path!("__lbheartbeat__"))
+    let lbheartbeat = warp::path!("__lbheartbeat__")
+        .and(warp::get())
         .map(|| json(StatusCode::OK, &serde_json::json!({})));
-    let heartbeat = warp::get()
-        .and(warp::path!("__heartbeat__"))
+    let heartbeat = warp::path!("__heartbeat__")
+        .and(warp::get())
         .and(with_state.clone())
         .map(heartbeat);
-    let version = warp::get()
-        .and(warp::path!("__version__"))
+    let version = warp::path!("__version__")
+        .and(warp::get())
         .map(|| json(StatusCode::OK, &version_info()));
-    let metrics = warp::get()
-        .and(warp::path!("metrics"))
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
         .and(with_state.clone())
         .map(|state: Arc<State>| {
             let mut resp = Response::new(state.metrics.render().into());
@@ -110,6 +115,18 @@ pub fn routes(
             );
             resp
         });
+    let publish = warp::path!("api" / "events" / "v1" / "publish")
+        .and(warp::post())
+        .and(with_state.clone())
+        .and_then(|state: Arc<State>| async move {
+            match &state.broker {
+                Broker::Memory(_) => Ok(state),
+                Broker::Amqp(_) => Err(warp::reject::not_found()),
+            }
+        })
+        .and(warp::body::content_length_limit(MAX_PUBLISH_BYTES))
+        .and(warp::body::bytes())
+        .map(publish);
     // Not `warp::options()`: its method rejection would turn every unknown path into 405.
     let preflight = warp::method()
         .and_then(|method: warp::http::Method| async move {
@@ -137,6 +154,8 @@ pub fn routes(
         .unify()
         .or(metrics)
         .unify()
+        .or(publish)
+        .unify()
         .or(preflight)
         .unify()
         .recover(|rejection: warp::Rejection| async move {
@@ -144,6 +163,10 @@ pub fn routes(
                 (StatusCode::NOT_FOUND, "Not Found")
             } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
                 (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+            } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+                (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")
+            } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+                (StatusCode::LENGTH_REQUIRED, "Length Required")
             } else {
                 (StatusCode::BAD_REQUEST, "Bad Request")
             };
@@ -179,12 +202,19 @@ fn connect(
         return resp;
     }
     if state.draining.is_cancelled() {
-        state.metrics.connection("over_limit");
+        state.metrics.connection("draining");
         return json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({"code": "Draining", "message": "This server is shutting down; connect again."}),
         );
     }
+    let Some(slot) = state.slots.try_take() else {
+        state.metrics.connection("over_limit");
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"code": "TooManyConnections", "message": "This server has reached its connection limit; try again later."}),
+        );
+    };
     let peer = peer.map(|p| p.0.to_string()).unwrap_or_default();
     let set = match binding::parse_query(query.as_deref(), &state.limits) {
         Ok(set) => set,
@@ -199,6 +229,7 @@ fn connect(
     let client = state.registry.subscribe(set);
     let body = ClientStream::new(
         client,
+        slot,
         &state.stream,
         state.draining.clone(),
         state.metrics.clone(),
@@ -224,6 +255,7 @@ where
 
 fn heartbeat(state: Arc<State>) -> Response {
     let connected = state.broker.is_connected();
+    let embedded = matches!(state.broker, Broker::Memory(_));
     let draining = state.draining.is_cancelled();
     let status = if connected && !draining {
         StatusCode::OK
@@ -235,12 +267,69 @@ fn heartbeat(state: Arc<State>) -> Response {
         &serde_json::json!({
             "broker": {
                 "connected": connected,
-                "endpoint": state.broker.endpoint(),
+                "endpoint": state.broker.describe(),
+                "embedded": embedded,
             },
             "draining": draining,
             "subscriptions": state.registry.len(),
         }),
     )
+}
+
+/// Largest body `POST /api/events/v1/publish` accepts.
+const MAX_PUBLISH_BYTES: u64 = 1024 * 1024;
+
+/// A message for the embedded broker.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Publish {
+    exchange: String,
+    routing_key: String,
+    #[serde(default)]
+    cc: Vec<String>,
+    payload: Box<serde_json::value::RawValue>,
+}
+
+/// `POST /api/events/v1/publish` (embedded broker only): routes one message to the
+/// subscriptions it matches, like a topic exchange. Answers how many it reached.
+fn publish(state: Arc<State>, body: Bytes) -> Response {
+    let Broker::Memory(broker) = &state.broker else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"code": 404, "message": "Not Found"}),
+        );
+    };
+    let bad = |message: String| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"code": "InvalidRequest", "message": message}),
+        )
+    };
+    let msg: Publish = match serde_json::from_slice(&body) {
+        Ok(msg) => msg,
+        Err(err) => {
+            return bad(format!(
+                "expected {{\"exchange\", \"routingKey\", \"cc\": [...], \"payload\": <JSON>}}: {err}"
+            ));
+        }
+    };
+    let too_long = std::iter::once(&msg.exchange)
+        .chain(std::iter::once(&msg.routing_key))
+        .chain(msg.cc.iter())
+        .any(|s| s.len() > MAX_NAME_BYTES);
+    if too_long || msg.exchange.is_empty() {
+        return bad(format!(
+            "exchange must be non-empty; exchange, routingKey and cc entries at most {MAX_NAME_BYTES} bytes"
+        ));
+    }
+    let cc: Vec<&str> = msg.cc.iter().map(String::as_str).collect();
+    let routed = broker.publish(
+        &msg.exchange,
+        &msg.routing_key,
+        &cc,
+        msg.payload.get().as_bytes(),
+    );
+    json(StatusCode::OK, &serde_json::json!({ "routed": routed }))
 }
 
 fn version_info() -> serde_json::Value {

@@ -13,6 +13,8 @@
 //!    ▼
 //! topology (wanted bindings, broker state, topic tries) ◄── broker::amqp (reconcile the
 //!    │                                                      broker, consume deliveries)
+//!    │                                                   or broker::memory (embedded; fed
+//!    │                                                      by /publish and demo)
 //!    │ deliver: match routing key + CC (topic), encode once (message), broadcast
 //!    ▼
 //! sse (per-client stream: ready / message / ping / error frames) ── server (hyper loop)
@@ -25,6 +27,7 @@
 pub mod binding;
 pub mod broker;
 pub mod config;
+pub mod demo;
 pub mod http;
 pub mod message;
 pub mod metrics;
@@ -44,7 +47,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::broker::AmqpBroker;
+use crate::broker::{AmqpBroker, Broker, MemoryBroker};
+use crate::config::BrokerSettings;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::topology::Topology;
@@ -55,8 +59,9 @@ pub struct Running {
     draining: CancellationToken,
     stop_server: CancellationToken,
     server: tokio::task::JoinHandle<()>,
-    broker: Arc<AmqpBroker>,
+    broker: Broker,
     registry: Arc<Registry>,
+    stop_demo: CancellationToken,
     metrics: Metrics,
     grace: std::time::Duration,
 }
@@ -65,10 +70,34 @@ pub struct Running {
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let topology = Arc::new(Topology::new(metrics.clone()));
-    let broker = AmqpBroker::start(config.amqp.clone(), topology.clone(), metrics.clone());
+    let stop_demo = CancellationToken::new();
+    let broker = match &config.broker {
+        BrokerSettings::Amqp(settings) => Broker::Amqp(AmqpBroker::start(
+            settings.clone(),
+            topology.clone(),
+            metrics.clone(),
+        )),
+        BrokerSettings::Embedded(demo) => {
+            let broker = MemoryBroker::new(topology.clone());
+            metrics.broker_connected.set(1);
+            if demo.enabled {
+                tokio::spawn(demo::run(broker.clone(), demo.rate, stop_demo.clone()));
+            }
+            tracing::info!(
+                demo = demo.enabled,
+                "no broker configured: running on the embedded broker{}; to use RabbitMQ set AMQP_URL=amqp://user:password@host:5672/%2f, for Pulse set PULSE_HOSTNAME, PULSE_USERNAME and PULSE_PASSWORD",
+                if demo.enabled {
+                    " with demo task events"
+                } else {
+                    ""
+                }
+            );
+            Broker::Memory(broker)
+        }
+    };
     let registry = Arc::new(Registry::new(
         topology,
-        broker.clone(),
+        broker.reconciler(),
         config.subscription_buffer,
         metrics.clone(),
     ));
@@ -76,6 +105,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let state = Arc::new(http::State {
         registry: registry.clone(),
         broker: broker.clone(),
+        slots: sse::Slots::new(config.max_connections, metrics.clone()),
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         stream: sse::StreamSettings {
@@ -100,7 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop_server.clone(),
         config.shutdown_grace,
     ));
-    tracing::info!(%local_addr, broker = %broker.endpoint(), "events-gateway listening");
+    tracing::info!(%local_addr, broker = %broker.describe(), "events-gateway listening");
     Ok(Running {
         local_addr,
         draining,
@@ -108,6 +138,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         server,
         broker,
         registry,
+        stop_demo,
         metrics,
         grace: config.shutdown_grace,
     })
@@ -126,7 +157,7 @@ impl Running {
         &self.registry
     }
 
-    pub fn broker(&self) -> &Arc<AmqpBroker> {
+    pub fn broker(&self) -> &Broker {
         &self.broker
     }
 
@@ -137,6 +168,7 @@ impl Running {
         let started = Instant::now();
         tracing::info!("drain started");
         self.draining.cancel();
+        self.stop_demo.cancel();
         self.stop_server.cancel();
         let _ = tokio::time::timeout(self.grace, self.server).await;
         let left = self.grace.saturating_sub(started.elapsed());

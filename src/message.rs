@@ -6,9 +6,18 @@
 //! Frame layout, byte for byte as the original service wrote it:
 //! `event: <kind>\ndata: <compact JSON on one line>\nid: -\n\n`.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
+
+/// A `message` frame as broadcast to a subscription's clients: the encoded bytes (shared,
+/// never copied per client) and when the delivery reached the gateway, for the fan-out
+/// latency histogram.
+#[derive(Clone, Debug)]
+pub struct Frame {
+    pub bytes: Bytes,
+    pub received: Instant,
+}
 
 /// The `ready` frame (data `{}`), the same for everyone.
 pub const READY: &[u8] = b"event: ready\ndata: {}\nid: -\n\n";

@@ -3,7 +3,8 @@
 //! values only: nothing per client, per pattern or per exchange.
 
 use prometheus::{
-    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Outcomes counted in `events_gateway_connections_total`.
@@ -14,6 +15,7 @@ pub const OUTCOMES: &[&str] = &[
     "timeout",
     "no_content",
     "over_limit",
+    "draining",
     "client_gone",
 ];
 
@@ -35,6 +37,9 @@ pub struct Metrics {
     pub messages_delivered: IntCounter,
     pub messages_dropped: IntCounterVec,
     pub uptime_start: Gauge,
+    pub connections_limit: IntGauge,
+    pub time_to_ready: Histogram,
+    pub fanout_latency: Histogram,
 }
 
 impl Metrics {
@@ -49,7 +54,7 @@ impl Metrics {
             connections_total: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_connections_total",
-                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit, client_gone (left before ready)",
+                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (refused during shutdown), client_gone (left before ready or error)",
                 ),
                 &["outcome"],
             )
@@ -102,6 +107,33 @@ impl Metrics {
                 "Start time of the process since the Unix epoch",
             )
             .expect("valid metric"),
+            connections_limit: IntGauge::new(
+                "events_gateway_connections_limit",
+                "Configured MAX_CONNECTIONS: SSE connections this process accepts",
+            )
+            .expect("valid metric"),
+            time_to_ready: Histogram::with_opts(
+                HistogramOpts::new(
+                    "events_gateway_time_to_ready_seconds",
+                    "From a valid connect request to its ready event",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0,
+                ]),
+            )
+            .expect("valid metric"),
+            fanout_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "events_gateway_fanout_latency_seconds",
+                    "From a broker delivery reaching the gateway to its frame being handed to a client's connection (one observation per client)",
+                )
+                .buckets(vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    1.0,
+                ]),
+            )
+            .expect("valid metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -116,6 +148,9 @@ impl Metrics {
             Box::new(m.messages_delivered.clone()),
             Box::new(m.messages_dropped.clone()),
             Box::new(m.uptime_start.clone()),
+            Box::new(m.connections_limit.clone()),
+            Box::new(m.time_to_ready.clone()),
+            Box::new(m.fanout_latency.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

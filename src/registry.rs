@@ -15,20 +15,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use tokio::sync::{broadcast, watch};
 
 use crate::binding::BindingSet;
 use crate::broker::Reconcile;
+use crate::message::Frame;
 use crate::metrics::Metrics;
 use crate::topology::{BindError, BindState, Topology};
 
 /// One distinct binding set and the broadcast channel its clients share.
 pub struct Subscription {
     bindings: Arc<BindingSet>,
-    sender: broadcast::Sender<Bytes>,
+    sender: broadcast::Sender<Frame>,
     /// Clients holding this subscription; changed only under the registry's shard lock.
     clients: AtomicUsize,
 }
@@ -39,7 +39,7 @@ impl Subscription {
     }
 
     /// Sends a frame to every client; returns how many receivers it reached.
-    pub(crate) fn send(&self, frame: Bytes) -> usize {
+    pub(crate) fn send(&self, frame: Frame) -> usize {
         self.sender.send(frame).unwrap_or(0)
     }
 }
@@ -139,13 +139,13 @@ impl Registry {
 pub struct Client {
     registry: Arc<Registry>,
     subscription: Arc<Subscription>,
-    receiver: Option<broadcast::Receiver<Bytes>>,
+    receiver: Option<broadcast::Receiver<Frame>>,
     statuses: Vec<watch::Receiver<BindState>>,
 }
 
 impl Client {
     /// Takes the client's receiver of frames (once).
-    pub fn take_receiver(&mut self) -> Option<broadcast::Receiver<Bytes>> {
+    pub fn take_receiver(&mut self) -> Option<broadcast::Receiver<Frame>> {
         self.receiver.take()
     }
 

@@ -24,7 +24,7 @@ use crate::http::PeerAddr;
 /// A client must send its whole request head within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head (request line with the query string, and headers) accepted.
-/// Larger requests are answered 431 by hyper.
+/// hyper answers 431 to larger heads, whether they arrive in one read or in pieces.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then lets open
@@ -62,6 +62,7 @@ pub async fn serve<F>(
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES.max(8192))
             .serve_connection(TokioIo::new(stream), hyper_service);
         let conn = graceful.watch(conn);

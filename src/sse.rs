@@ -12,6 +12,8 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +24,7 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::message::{self, READY};
+use crate::message::{self, Frame, READY};
 use crate::metrics::Metrics;
 use crate::registry::Client;
 use crate::topology::BindError;
@@ -45,24 +47,64 @@ pub struct StreamSettings {
 /// The body of a connect response.
 pub struct ClientStream {
     phase: Phase,
-    frames: BroadcastStream<Bytes>,
+    frames: BroadcastStream<Frame>,
     ping: Interval,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Metrics,
+    connected_at: Instant,
     _client: ClientGauge,
 }
 
-/// Keeps `events_gateway_connections_open` and the client's subscription for exactly as
-/// long as the stream lives.
+/// Admission of SSE connections: at most `max` open at once.
+pub struct Slots {
+    open: AtomicUsize,
+    max: usize,
+    metrics: Metrics,
+}
+
+impl Slots {
+    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
+        metrics.connections_limit.set(max as i64);
+        Arc::new(Self {
+            open: AtomicUsize::new(0),
+            max,
+            metrics,
+        })
+    }
+
+    /// Takes a slot, or `None` when `max` connections are open.
+    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.connections_open.inc();
+        Some(Slot(self.clone()))
+    }
+}
+
+/// One open SSE connection; dropping it frees the slot.
+pub struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.metrics.connections_open.dec();
+    }
+}
+
+/// Holds the client's subscription and slot for exactly as long as the stream lives, and
+/// counts a client that leaves before `ready` or `error`.
 struct ClientGauge {
     _client: Client,
+    _slot: Slot,
     metrics: Metrics,
     counted: bool,
 }
 
 impl Drop for ClientGauge {
     fn drop(&mut self) {
-        self.metrics.connections_open.dec();
         if !self.counted {
             self.metrics.connection("client_gone");
         }
@@ -72,11 +114,11 @@ impl Drop for ClientGauge {
 impl ClientStream {
     pub fn new(
         mut client: Client,
+        slot: Slot,
         settings: &StreamSettings,
         shutdown: CancellationToken,
         metrics: Metrics,
     ) -> Self {
-        metrics.connections_open.inc();
         let ready = Box::pin(client.ready(settings.ready_timeout));
         // The receiver exists from the moment the client subscribed, so nothing published
         // after `ready` can be missed.
@@ -95,8 +137,10 @@ impl ClientStream {
             ping,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics: metrics.clone(),
+            connected_at: Instant::now(),
             _client: ClientGauge {
                 _client: client,
+                _slot: slot,
                 metrics,
                 counted: false,
             },
@@ -125,6 +169,9 @@ impl Stream for ClientStream {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(())) => {
                     this.metrics.connection("ready");
+                    this.metrics
+                        .time_to_ready
+                        .observe(this.connected_at.elapsed().as_secs_f64());
                     this._client.counted = true;
                     this.phase = Phase::Streaming;
                     Poll::Ready(Some(Ok(Bytes::from_static(READY))))
@@ -141,7 +188,12 @@ impl Stream for ClientStream {
             },
             Phase::Streaming => {
                 match Pin::new(&mut this.frames).poll_next(cx) {
-                    Poll::Ready(Some(Ok(frame))) => return Poll::Ready(Some(Ok(frame))),
+                    Poll::Ready(Some(Ok(frame))) => {
+                        this.metrics
+                            .fanout_latency
+                            .observe(frame.received.elapsed().as_secs_f64());
+                        return Poll::Ready(Some(Ok(frame.bytes)));
+                    }
                     Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                         this.metrics.dropped("slow_client", missed);
                         return Poll::Ready(Some(Ok(message::lagged_comment(missed))));

@@ -13,10 +13,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::message::Incoming;
+use crate::message::{Frame, Incoming};
 use crate::metrics::Metrics;
 use crate::registry::Subscription;
 use crate::topic::TopicTrie;
@@ -202,7 +203,9 @@ impl Topology {
 
     /// Sends one broker delivery to every subscription on `exchange` that it matches
     /// (through its routing key or any `CC` entry), encoding its frame once.
-    pub fn deliver(&self, exchange: &str, msg: &Incoming<'_>) {
+    /// Returns how many subscriptions it reached.
+    pub fn deliver(&self, exchange: &str, msg: &Incoming<'_>) -> usize {
+        let received = Instant::now();
         self.metrics.messages_received.inc();
         let mut targets: Vec<Arc<Subscription>> = Vec::new();
         {
@@ -221,21 +224,22 @@ impl Topology {
         }
         if targets.is_empty() {
             self.metrics.dropped("unroutable", 1);
-            return;
+            return 0;
         }
         let frame = match msg.encode() {
-            Ok(frame) => frame,
+            Ok(bytes) => Frame { bytes, received },
             Err(err) => {
                 self.metrics.dropped("malformed", 1);
                 log_malformed(exchange, msg.routing_key, &err);
-                return;
+                return 0;
             }
         };
         let mut delivered = 0;
-        for sub in targets {
+        for sub in &targets {
             delivered += sub.send(frame.clone());
         }
         self.metrics.messages_delivered.inc_by(delivered as u64);
+        targets.len()
     }
 }
 

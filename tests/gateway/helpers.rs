@@ -40,6 +40,30 @@ impl TestGateway {
         Self::start_unchecked(extra).await
     }
 
+    /// Starts a gateway on the embedded broker (no RabbitMQ), demo traffic off unless
+    /// `extra` turns it on.
+    pub async fn start_embedded(extra: &[&str]) -> Self {
+        let mut args = vec!["--amqp-url="];
+        if !extra.iter().any(|a| a.starts_with("--demo=")) {
+            args.push("--demo=false");
+        }
+        args.extend_from_slice(extra);
+        Self::start_unchecked(&args).await
+    }
+
+    /// Publishes through the embedded broker's endpoint; returns the HTTP status and body.
+    pub async fn publish(&self, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let resp = self
+            .http
+            .post(self.url("/api/events/v1/publish"))
+            .json(body)
+            .send()
+            .await
+            .expect("publish");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or_default())
+    }
+
     /// Same, without first checking that RabbitMQ is up (for tests of broker outages).
     pub async fn start_unchecked(extra: &[&str]) -> Self {
         init_logs();

@@ -1,0 +1,197 @@
+//! The embedded broker (no RabbitMQ configured) and the limits of the HTTP side.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn published_messages_reach_matching_clients() {
+    let gw = TestGateway::start_embedded(&[]).await;
+    let mut client = gw
+        .connect(&[("exchange/demo/v1/a", "route.tc-treeherder.v2.try.#")])
+        .await;
+    assert_eq!(client.expect("ready").await, "{}");
+
+    let (status, body) = gw
+        .publish(&serde_json::json!({
+            "exchange": "exchange/demo/v1/a",
+            "routingKey": "primary.abc.0",
+            "cc": ["route.tc-treeherder.v2.try.deadbeef.42", "other"],
+            "payload": {"state": "completed", "list": [1, 2]},
+        }))
+        .await;
+    assert_eq!((status, body), (200, serde_json::json!({"routed": 1})));
+    let msg = message_json(&client.expect("message").await);
+    assert_eq!(
+        msg["payload"],
+        serde_json::json!({"state": "completed", "list": [1, 2]})
+    );
+    assert_eq!(
+        msg["routes"],
+        serde_json::json!(["tc-treeherder.v2.try.deadbeef.42"])
+    );
+
+    let (status, body) = gw
+        .publish(&serde_json::json!({
+            "exchange": "exchange/demo/v1/a", "routingKey": "nothing.matches", "payload": 1,
+        }))
+        .await;
+    assert_eq!((status, body), (200, serde_json::json!({"routed": 0})));
+    client.expect_silence(Duration::from_millis(200)).await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_publish_requests_get_400() {
+    let gw = TestGateway::start_embedded(&[]).await;
+    for body in [
+        serde_json::json!({"exchange": "exchange/a", "payload": {}}),
+        serde_json::json!({"exchange": "", "routingKey": "a", "payload": {}}),
+        serde_json::json!({"exchange": "exchange/a", "routingKey": "a".repeat(256), "payload": {}}),
+        serde_json::json!({"exchange": "exchange/a", "routingKey": "a", "payload": {}, "x": 1}),
+    ] {
+        let (status, reply) = gw.publish(&body).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(reply["message"].is_string());
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn publish_does_not_exist_in_amqp_mode() {
+    let gw = TestGateway::start(&[]).await;
+    let (status, _) = gw
+        .publish(&serde_json::json!({"exchange": "exchange/a", "routingKey": "a", "payload": {}}))
+        .await;
+    assert_eq!(status, 404);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_demo_publishes_treeherder_style_task_events() {
+    let gw = TestGateway::start_embedded(&["--demo=true", "--demo-rate=200"]).await;
+    let bindings: Vec<(String, String)> = events_gateway::demo::EXCHANGES
+        .iter()
+        .map(|e| ((*e).to_owned(), "route.tc-treeherder.v2.#".to_owned()))
+        .collect();
+    let refs: Vec<(&str, &str)> = bindings
+        .iter()
+        .map(|(e, p)| (e.as_str(), p.as_str()))
+        .collect();
+    let mut client = gw.connect(&refs).await;
+    client.expect("ready").await;
+    for _ in 0..10 {
+        let msg = message_json(&client.expect("message").await);
+        assert!(
+            msg["exchange"]
+                .as_str()
+                .expect("exchange")
+                .starts_with("exchange/taskcluster-queue/v1/task-")
+        );
+        assert!(
+            msg["routingKey"]
+                .as_str()
+                .expect("key")
+                .starts_with("primary.")
+        );
+    }
+    let hb = gw
+        .http
+        .get(gw.url("/__heartbeat__"))
+        .send()
+        .await
+        .expect("hb");
+    assert_eq!(hb.status(), 200, "the embedded broker is always connected");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_before_any_stream() {
+    let gw = TestGateway::start_embedded(&["--max-connections=2"]).await;
+    let mut a = gw.connect(&[]).await;
+    let mut b = gw.connect(&[]).await;
+    a.expect("ready").await;
+    b.expect("ready").await;
+    let refused = gw
+        .http
+        .get(gw.url(&format!("/api/events/v1/connect/?{}", bindings_query(&[]))))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused.headers()["content-type"],
+        "application/json; charset=utf-8"
+    );
+    let body: serde_json::Value = refused.json().await.expect("json");
+    assert_eq!(body["code"], "TooManyConnections");
+    assert_eq!(
+        gw.metric("events_gateway_connections_total{outcome=\"over_limit\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("events_gateway_connections_limit").await, 2.0);
+
+    drop(a);
+    let mut c = None;
+    for _ in 0..50 {
+        let attempt = gw.connect(&[]).await;
+        if attempt.status == 200 {
+            c = Some(attempt);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.expect("a slot frees when a client leaves")
+        .expect("ready")
+        .await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversize_request_heads_are_refused_and_the_server_keeps_serving() {
+    let gw = TestGateway::start_embedded(&[]).await;
+    let huge = "a".repeat(100 * 1024);
+    let status_of = |raw: &RawClient| {
+        String::from_utf8_lossy(&raw.buf)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut raw = RawClient::get(
+        gw.addr,
+        &format!("/api/events/v1/connect/?bindings={huge}"),
+        &[],
+    )
+    .await;
+    raw.read_until(b"\r\n", Duration::from_secs(5)).await;
+    assert!(status_of(&raw).contains(" 431 "), "{}", status_of(&raw));
+    let mut raw = RawClient::get(gw.addr, "/__lbheartbeat__", &[("X-Huge", &huge)]).await;
+    raw.read_until(b"\r\n", Duration::from_secs(5)).await;
+    assert!(status_of(&raw).contains(" 431 "), "{}", status_of(&raw));
+    let mut client = gw.connect(&[]).await;
+    client.expect("ready").await;
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn time_to_ready_and_fanout_latency_are_measured() {
+    let gw = TestGateway::start_embedded(&[]).await;
+    let mut client = gw.connect(&[("exchange/a", "#")]).await;
+    client.expect("ready").await;
+    gw.publish(&serde_json::json!({"exchange": "exchange/a", "routingKey": "k", "payload": {}}))
+        .await;
+    client.expect("message").await;
+    assert_eq!(
+        gw.metric("events_gateway_time_to_ready_seconds_count")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("events_gateway_fanout_latency_seconds_count")
+            .await,
+        1.0
+    );
+    gw.shutdown().await;
+}
