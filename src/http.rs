@@ -29,7 +29,7 @@ use crate::broker::Broker;
 use crate::message;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::sse::{ClientStream, Slots, StreamSettings};
+use crate::sse::{self, ClientStream, Slots, StreamSettings};
 
 /// Paths that serve the SSE stream (each also with a final `/`).
 const CONNECT_PATHS: &[&str] = &["/api/events/v1/connect", "/events/v1/connect"];
@@ -202,11 +202,11 @@ fn connect(
         return resp;
     }
     if state.draining.is_cancelled() {
+        // Not a 503: EventSource gives up for good on any non-200 answer. The reconnect
+        // frame sends the browser elsewhere (another replica) after a jittered delay.
         state.metrics.connection("draining");
-        return json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({"code": "Draining", "message": "This server is shutting down; connect again."}),
-        );
+        let frame = message::reconnect_frame(sse::reconnect_delay_ms());
+        return event_stream(stream::once(async move { Ok::<_, Infallible>(frame) }));
     }
     let Some(slot) = state.slots.try_take() else {
         state.metrics.connection("over_limit");
@@ -225,11 +225,13 @@ fn connect(
             return event_stream(stream::once(async move { Ok::<_, Infallible>(frame) }));
         }
     };
-    tracing::debug!(%peer, bindings = set.len(), "client connected");
+    let span = tracing::info_span!("connection", %peer, bindings = set.len());
+    tracing::debug!(parent: &span, "client connected");
     let client = state.registry.subscribe(set);
     let body = ClientStream::new(
         client,
         slot,
+        span,
         &state.stream,
         state.draining.clone(),
         state.metrics.clone(),

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod sse;
+pub mod telemetry;
 pub mod topic;
 pub mod topology;
 
@@ -52,6 +53,9 @@ use crate::config::BrokerSettings;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::topology::Topology;
+
+/// How long a draining gateway keeps answering (503) before it closes its listener.
+pub const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A running gateway.
 pub struct Running {
@@ -161,16 +165,31 @@ impl Running {
         &self.broker
     }
 
-    /// Drains and stops: health turns 503 and new connects are refused at once; every
-    /// stream gets a reconnect frame and ends; connections close; the broker queues are
-    /// deleted. Bounded by the configured grace period.
+    /// Drains and stops: health turns 503 and new connects get 503 at once; every stream
+    /// gets a reconnect frame and ends; after [`DRAIN_LINGER`] (and once the streams have
+    /// ended) the listener closes; the broker queues are deleted. Bounded by the
+    /// configured grace period.
     pub async fn shutdown(self) {
         let started = Instant::now();
         tracing::info!("drain started");
         self.draining.cancel();
         self.stop_demo.cancel();
+        // Keep answering for a moment: health checks see 503 and new connects get 503 (not
+        // "connection refused") while every stream ends with its reconnect frame.
+        let linger = DRAIN_LINGER.min(self.grace / 2);
+        let open = self.metrics.connections_open.clone();
+        let streams_done = async {
+            while open.get() > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        let _ = tokio::join!(
+            tokio::time::sleep(linger),
+            tokio::time::timeout(self.grace / 2, streams_done)
+        );
         self.stop_server.cancel();
-        let _ = tokio::time::timeout(self.grace, self.server).await;
+        let left = self.grace.saturating_sub(started.elapsed());
+        let _ = tokio::time::timeout(left, self.server).await;
         let left = self.grace.saturating_sub(started.elapsed());
         self.broker.shutdown(left).await;
         tracing::info!(

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use events_gateway::Config;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
@@ -18,25 +17,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    init_tracing(&config);
+    events_gateway::telemetry::init(&config.log_level, config.log_json);
     if let Err(err) = events_gateway::run(config, shutdown_signal()).await {
         tracing::error!("{err:#}");
         std::process::exit(1);
-    }
-}
-
-fn init_tracing(config: &Config) {
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if config.log_json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-    } else {
-        builder.init();
     }
 }
 

@@ -54,7 +54,7 @@ impl Metrics {
             connections_total: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_connections_total",
-                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (refused during shutdown), client_gone (left before ready or error)",
+                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (sent away with a reconnect frame during shutdown), client_gone (left before ready or error)",
                 ),
                 &["outcome"],
             )

@@ -92,7 +92,7 @@ impl Registry {
                 let changed = self.topology.add(&sub);
                 v.insert(sub.clone());
                 self.metrics.subscriptions.inc();
-                tracing::debug!(bindings = %sub.bindings, "subscription created");
+                tracing::info!(bindings = %sub.bindings, "subscription created");
                 (sub, changed)
             }
         };
@@ -118,7 +118,7 @@ impl Registry {
             .is_some();
         if removed {
             self.metrics.subscriptions.dec();
-            tracing::debug!(bindings = %sub.bindings, "subscription released");
+            tracing::info!(bindings = %sub.bindings, "subscription released");
             for exchange in self.topology.remove(sub) {
                 self.broker.exchange_changed(&exchange);
             }

@@ -37,6 +37,12 @@ enum Phase {
     Done,
 }
 
+/// The `retry:` delay sent when the server ends a stream on purpose: 0.5–5 s, jittered so
+/// that the clients of a draining replica do not all reconnect at the same instant.
+pub fn reconnect_delay_ms() -> u64 {
+    500 + fastrand::u64(..4500)
+}
+
 /// Settings of one stream.
 #[derive(Clone)]
 pub struct StreamSettings {
@@ -99,6 +105,8 @@ impl Drop for Slot {
 struct ClientGauge {
     _client: Client,
     _slot: Slot,
+    /// The connection's span (peer address, number of bindings) for its log lines.
+    span: tracing::Span,
     metrics: Metrics,
     counted: bool,
 }
@@ -108,6 +116,7 @@ impl Drop for ClientGauge {
         if !self.counted {
             self.metrics.connection("client_gone");
         }
+        tracing::debug!(parent: &self.span, "client left");
     }
 }
 
@@ -115,6 +124,7 @@ impl ClientStream {
     pub fn new(
         mut client: Client,
         slot: Slot,
+        span: tracing::Span,
         settings: &StreamSettings,
         shutdown: CancellationToken,
         metrics: Metrics,
@@ -141,6 +151,7 @@ impl ClientStream {
             _client: ClientGauge {
                 _client: client,
                 _slot: slot,
+                span,
                 metrics,
                 counted: false,
             },
@@ -159,15 +170,14 @@ impl Stream for ClientStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         if !matches!(this.phase, Phase::Done) && this.shutdown.as_mut().poll(cx).is_ready() {
-            // Jitter spreads the reconnections of every client over a few seconds.
-            let retry = 500 + fastrand::u64(..4500);
-            return this.end_with(message::reconnect_frame(retry));
+            return this.end_with(message::reconnect_frame(reconnect_delay_ms()));
         }
         match &mut this.phase {
             Phase::Done => Poll::Ready(None),
             Phase::Waiting(ready) => match ready.as_mut().poll(cx) {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(Ok(())) => {
+                    tracing::debug!(parent: &this._client.span, "ready");
                     this.metrics.connection("ready");
                     this.metrics
                         .time_to_ready
@@ -177,6 +187,7 @@ impl Stream for ClientStream {
                     Poll::Ready(Some(Ok(Bytes::from_static(READY))))
                 }
                 Poll::Ready(Err(err)) => {
+                    tracing::debug!(parent: &this._client.span, error = %err, "ended with an error");
                     let outcome = match err {
                         BindError::Timeout => "timeout",
                         _ => "broker_error",
@@ -195,6 +206,7 @@ impl Stream for ClientStream {
                         return Poll::Ready(Some(Ok(frame.bytes)));
                     }
                     Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                        tracing::debug!(parent: &this._client.span, missed, "slow client lost messages");
                         this.metrics.dropped("slow_client", missed);
                         return Poll::Ready(Some(Ok(message::lagged_comment(missed))));
                     }

@@ -68,16 +68,21 @@ impl TestGateway {
     pub async fn start_unchecked(extra: &[&str]) -> Self {
         init_logs();
         let queue_prefix = format!("queue/guest/events-gateway-test-{}", unique());
-        let mut args = vec![
-            "events-gateway".to_owned(),
+        // Test defaults, each unless `extra` sets the same flag.
+        let defaults = [
             "--listen-address=127.0.0.1".to_owned(),
             "--port=0".to_owned(),
             format!("--queue-prefix={queue_prefix}"),
             "--shutdown-grace=5s".to_owned(),
+            format!("--amqp-url={}", amqp_url()),
         ];
-        if !extra.iter().any(|a| a.starts_with("--amqp-url")) {
-            args.push(format!("--amqp-url={}", amqp_url()));
-        }
+        let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+        let mut args = vec!["events-gateway".to_owned()];
+        args.extend(
+            defaults
+                .into_iter()
+                .filter(|d| !extra.iter().any(|e| flag(e) == flag(d))),
+        );
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let config = Config::parse_from(args).expect("test config is valid");
         let running = events_gateway::start(config).await.expect("gateway starts");

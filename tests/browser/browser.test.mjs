@@ -1,0 +1,427 @@
+// Real-browser test of the live page: Debian's Chromium (/usr/bin/chromium) driven by
+// playwright-core loads the page from a running gateway (embedded broker), connects,
+// receives published messages, shows a server `error` without reconnecting in a loop, and
+// reconnects by itself when the gateway drains and a new one starts on the same port.
+//
+// Environment:
+//   GATEWAY_BIN      gateway binary (default: ../../target/debug/events-gateway)
+//   CHROMIUM_BIN     browser (default: /usr/bin/chromium)
+//   PAGE_URL         where the page is loaded from. Unset: http://127.0.0.1:<gateway port>/,
+//                    the page served by the gateway itself. Set (e.g. a static server serving
+//                    web/): the test opens PAGE_URL with `?gateway=http://127.0.0.1:<port>`
+//                    added, so the page talks to the gateway under test.
+//   SCREENSHOT_PATH  where the screenshot goes (default: ../../docs/screenshot.png)
+
+import { test, before, after, afterEach } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const GATEWAY_BIN = path.resolve(HERE, process.env.GATEWAY_BIN || '../../target/debug/events-gateway');
+const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const PAGE_URL = process.env.PAGE_URL || '';
+const SCREENSHOT_PATH = path.resolve(HERE, process.env.SCREENSHOT_PATH || '../../docs/screenshot.png');
+
+const CONNECT_PATH = '/api/events/v1/connect/';
+const EXCHANGE = kind => `exchange/taskcluster-queue/v1/${kind}`;
+const KINDS = ['task-defined', 'task-pending', 'task-running', 'task-completed', 'task-failed', 'task-exception'];
+// What the page's editor holds at first (a Treeherder-style example).
+const EXAMPLE = {bindings: KINDS.map(k => ({exchange: EXCHANGE(k), routingKeyPattern: 'route.tc-treeherder.v2.#'}))};
+const RUN = Math.random().toString(36).slice(2, 8);
+
+// ---- gateway processes ---------------------------------------------------------------------
+
+const children = new Set();
+
+function gatewayEnv() {
+  const env = {...process.env, NO_COLOR: '1', LOG_LEVEL: 'info', LOG_FORMAT: 'text'};
+  // No broker settings: the gateway runs on its embedded broker.
+  for (const k of Object.keys(env)) if (k === 'AMQP_URL' || k.startsWith('PULSE_')) delete env[k];
+  return env;
+}
+
+function startGateway(port, args = []) {
+  const child = spawn(GATEWAY_BIN, ['--listen-address', '127.0.0.1', '--port', String(port), ...args], {
+    env: gatewayEnv(),
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const gw = {port, child, lines: [], exited: null, origin: `http://127.0.0.1:${port}`};
+  children.add(child);
+  gw.exited = new Promise(resolve => child.once('exit', (code, signal) => {
+    children.delete(child);
+    resolve({code, signal});
+  }));
+  child.once('error', e => gw.lines.push(`spawn error: ${e.message}`));
+  for (const s of [child.stdout, child.stderr]) {
+    s.setEncoding('utf8');
+    s.on('data', d => {
+      for (const line of d.split('\n')) if (line) gw.lines.push(line.replace(/\x1b\[[0-9;]*m/g, ''));
+      if (gw.lines.length > 300) gw.lines.splice(0, gw.lines.length - 300);
+    });
+  }
+  return gw;
+}
+
+function logsOf(...gws) {
+  return gws.filter(Boolean).map(g => `--- gateway on port ${g.port} (last lines) ---\n${g.lines.slice(-40).join('\n')}`).join('\n');
+}
+
+async function waitHealthy(gw, timeoutMs = 15_000) {
+  const deadline = Date.now() + timeoutMs;
+  let exited = false;
+  gw.exited.then(() => { exited = true; });
+  while (Date.now() < deadline) {
+    if (exited) throw new Error(`gateway exited before serving\n${logsOf(gw)}`);
+    try {
+      const r = await fetch(`${gw.origin}/__lbheartbeat__`, {signal: AbortSignal.timeout(1000)});
+      if (r.ok) return;
+    } catch (_) { /* not listening yet */ }
+    await sleep(50);
+  }
+  throw new Error(`gateway did not answer /__lbheartbeat__ within ${timeoutMs} ms\n${logsOf(gw)}`);
+}
+
+async function stopGateway(gw, signal = 'SIGTERM', timeoutMs = 10_000) {
+  if (!gw || !children.has(gw.child)) return gw && gw.exited;
+  gw.child.kill(signal);
+  const done = await Promise.race([gw.exited, sleep(timeoutMs).then(() => null)]);
+  if (done) return done;
+  gw.child.kill('SIGKILL');
+  return gw.exited;
+}
+
+function killAll() {
+  for (const child of children) {
+    try { child.kill('SIGKILL'); } catch (_) { /* already gone */ }
+  }
+}
+process.on('exit', killAll);
+
+async function freePort() {
+  const server = net.createServer();
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const {port} = server.address();
+  server.close();
+  await once(server, 'close');
+  return port;
+}
+
+async function publish(gw, message) {
+  const r = await fetch(`${gw.origin}/api/events/v1/publish`, {
+    method: 'POST',
+    headers: {'content-type': 'application/json'},
+    body: JSON.stringify(message),
+    signal: AbortSignal.timeout(5000),
+  });
+  const text = await r.text();
+  assert.equal(r.status, 200, `publish answered ${r.status}: ${text}`);
+  return JSON.parse(text);
+}
+
+function taskMessage(i, {kind = 'task-completed', project = 'try'} = {}) {
+  const taskId = `bt${RUN}task${i}`.padEnd(22, 'x');
+  const taskGroupId = `bt${RUN}group`.padEnd(22, 'x');
+  const revision = `${RUN}${i}`.padEnd(40, '0');
+  const marker = `browser-test-${RUN}-${i}`;
+  return {
+    marker,
+    route: `tc-treeherder.v2.${project}.${revision}.${1000 + i}`,
+    message: {
+      exchange: EXCHANGE(kind),
+      routingKey: `primary.${taskId}.0.us-east-1.i-0browsertest.proj-gecko.b-linux.gecko-level-1.${taskGroupId}.`,
+      cc: [`route.tc-treeherder.v2.${project}.${revision}.${1000 + i}`],
+      payload: {marker, runId: 0, status: {taskId, taskGroupId, state: kind.replace('task-', ''), provisionerId: 'proj-gecko'}},
+    },
+  };
+}
+
+// ---- browser -------------------------------------------------------------------------------
+
+let browser;
+let pageErrors = [];
+const contexts = new Set();
+
+function pageUrl(gw) {
+  if (!PAGE_URL) return `${gw.origin}/`;
+  const u = new URL(PAGE_URL);
+  u.searchParams.set('gateway', gw.origin);
+  return u.href;
+}
+
+async function openPage(gw, viewport = {width: 1280, height: 900}) {
+  const context = await browser.newContext({viewport});
+  contexts.add(context);
+  const page = await context.newPage();
+  page.setDefaultTimeout(15_000);
+  page.on('pageerror', e => pageErrors.push(`uncaught: ${e.message}`));
+  page.on('console', m => {
+    if (m.type() === 'error' && /Content Security Policy|Refused to/i.test(m.text())) pageErrors.push(`console: ${m.text()}`);
+  });
+  const response = await page.goto(pageUrl(gw));
+  assert.ok(response && response.ok(), `GET ${pageUrl(gw)} answered ${response && response.status()}`);
+  assert.equal(await page.title(), 'events-gateway live');
+  return page;
+}
+
+function recordConnects(page) {
+  const requests = [];
+  page.on('request', r => {
+    if (new URL(r.url()).pathname === CONNECT_PATH) requests.push(r.allHeaders().then(h => ({url: r.url(), lastEventId: h['last-event-id']})));
+  });
+  return () => Promise.all(requests);
+}
+
+const byId = (page, id) => page.locator(`[data-testid="${id}"]`);
+const statusAttr = (page, name) => byId(page, 'status').getAttribute(name);
+const waitForStatus = (page, selector, timeout = 15_000) =>
+  page.waitForSelector(`[data-testid="status"]${selector}`, {state: 'attached', timeout});
+const visibleMessages = page => page.locator('[data-testid="message"]:visible');
+
+before(async () => {
+  assert.ok(fs.existsSync(GATEWAY_BIN), `gateway binary ${GATEWAY_BIN} not found (build it, or set GATEWAY_BIN)`);
+  assert.ok(fs.existsSync(CHROMIUM_BIN), `${CHROMIUM_BIN} not found (apt-get install chromium, or set CHROMIUM_BIN)`);
+  // playwright gives the browser a fresh, temporary --user-data-dir of its own.
+  browser = await chromium.launch({
+    executablePath: CHROMIUM_BIN,
+    headless: true,
+    chromiumSandbox: false,
+    timeout: 30_000,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
+      '--disable-component-update', '--disable-sync'],
+  });
+});
+
+afterEach(async () => {
+  for (const c of contexts) await c.close().catch(() => {});
+  contexts.clear();
+  const errors = pageErrors;
+  pageErrors = [];
+  assert.deepEqual(errors, [], 'the page logged errors');
+});
+
+after(async () => {
+  killAll();
+  if (browser) await Promise.race([browser.close(), sleep(10_000)]);
+});
+
+// ---- tests ---------------------------------------------------------------------------------
+
+test('connect, receive published messages, filter them, and show the curl command', {timeout: 60_000}, async () => {
+  const gw = startGateway(await freePort(), ['--demo', 'false', '--ping-interval', '1s']);
+  try {
+    await waitHealthy(gw);
+    const page = await openPage(gw);
+    assert.deepEqual(JSON.parse(await byId(page, 'bindings').inputValue()), EXAMPLE, 'the editor holds the example bindings');
+    assert.equal(await statusAttr(page, 'data-state'), 'idle');
+
+    await byId(page, 'connect').click();
+    await waitForStatus(page, '[data-state="ready"]');
+    assert.match(await byId(page, 'status').innerText(), /ready/);
+
+    const sent = [
+      taskMessage(1, {kind: 'task-completed', project: 'try'}),
+      taskMessage(2, {kind: 'task-failed', project: 'autoland'}),
+      taskMessage(3, {kind: 'task-pending', project: 'mozilla-central'}),
+    ];
+    for (const s of sent) {
+      const {routed} = await publish(gw, s.message);
+      assert.ok(routed >= 1, `the message reached no subscription (routed ${routed})`);
+    }
+
+    await page.waitForFunction(() => document.querySelectorAll('[data-testid="message"]').length === 3);
+    assert.equal(await byId(page, 'message-count').innerText(), '3');
+    const items = page.locator('[data-testid="message"]');
+    for (let i = 0; i < 3; i++) {
+      const s = sent[2 - i]; // newest first
+      const item = items.nth(i);
+      assert.equal(await item.locator('[data-testid="message-exchange"]').textContent(), s.message.exchange);
+      assert.equal(await item.locator('[data-testid="message-routing-key"]').textContent(), s.message.routingKey);
+      assert.match(await item.locator('[data-testid="message-routes"]').textContent(), new RegExp(s.route.replace(/\./g, '\\.')));
+      assert.deepEqual(JSON.parse(await item.locator('[data-testid="message-payload"]').textContent()), s.message.payload);
+    }
+    // The payload is collapsible: open it and it shows the pretty-printed JSON.
+    const payload = items.nth(0).locator('[data-testid="message-payload"]');
+    assert.equal(await payload.isVisible(), false);
+    await items.nth(0).locator('summary').click();
+    assert.equal(await payload.isVisible(), true);
+    assert.match(await payload.innerText(), /\n {2}"marker": "browser-test-/);
+
+    // The filter narrows the list (routing key, exchange, routes, payload).
+    const filter = byId(page, 'filter');
+    const cases = [
+      ['autoland', [sent[1].marker]],
+      [sent[0].marker, [sent[0].marker]],
+      ['TASK-PENDING', [sent[2].marker]],
+      [`primary.bt${RUN}task3`, [sent[2].marker]],
+      ['nothing matches this', []],
+      ['', sent.map(s => s.marker).reverse()],
+    ];
+    for (const [text, markers] of cases) {
+      await filter.fill(text);
+      const shown = await visibleMessages(page).allTextContents();
+      assert.equal(shown.length, markers.length, `filter ${JSON.stringify(text)} shows ${shown.length} messages`);
+      markers.forEach((m, i) => assert.ok(shown[i].includes(m), `filter ${JSON.stringify(text)}: item ${i} holds ${m}`));
+    }
+
+    // The messages-per-second counter and the ping time.
+    await page.waitForFunction(() => parseFloat(document.querySelector('[data-testid="rate"]').textContent) > 0, null, {timeout: 5000});
+    await page.waitForFunction(() => /^\d\d:\d\d:\d\dZ$/.test(document.querySelector('[data-testid="last-ping"]').textContent), null, {timeout: 5000});
+
+    // The curl command is the same stream, with the bindings encoded as the README does.
+    const curl = await byId(page, 'curl').textContent();
+    const url = `${gw.origin}${CONNECT_PATH}?bindings=${encodeURIComponent(JSON.stringify(EXAMPLE))}`;
+    assert.equal(curl, `curl -N '${url}'`);
+    const out = await runShell(`${curl} -s --max-time 2`, 5000);
+    assert.match(out, /^event: ready\ndata: \{\}\nid: -\n/, 'running the curl command prints the ready event');
+
+    await byId(page, 'disconnect').click();
+    await waitForStatus(page, '[data-state="closed"][data-ready-state="2"]');
+  } catch (e) {
+    e.message += `\n${logsOf(gw)}`;
+    throw e;
+  } finally {
+    await stopGateway(gw);
+  }
+});
+
+test('bad bindings: the page shows the server error and does not reconnect in a loop', {timeout: 60_000}, async t => {
+  const gw = startGateway(await freePort(), ['--demo', 'false']);
+  try {
+    await waitHealthy(gw);
+    const page = await openPage(gw);
+    await byId(page, 'bindings').fill('{"bindings": 42}');
+    const connects = recordConnects(page);
+    await byId(page, 'connect').click();
+
+    const error = byId(page, 'error');
+    await error.waitFor({state: 'visible'});
+    assert.match(await error.innerText(), /Bindings must be an array of \{exchange, routingKeyPattern\}/);
+
+    await sleep(3000);
+    const requests = await connects();
+    assert.ok(requests.length >= 1 && requests.length <= 2,
+      `expected the connect and at most one retry, saw ${requests.length} requests to ${CONNECT_PATH}`);
+    assert.equal(requests[0].lastEventId, undefined);
+    if (requests[1]) assert.equal(requests[1].lastEventId, '-', 'the retry carries Last-Event-Id: - (and gets 204)');
+    assert.equal(await statusAttr(page, 'data-ready-state'), '2', 'the EventSource is CLOSED');
+    assert.match(await byId(page, 'status').innerText(), /closed/);
+    assert.match(await error.innerText(), /Bindings must be an array/, 'the error text stays visible');
+    assert.equal(await page.locator('[data-testid="message"]').count(), 0);
+    t.diagnostic(`${requests.length} connect requests: ${requests.map(r => `Last-Event-Id ${r.lastEventId ?? '(none)'}`).join(', ')}`);
+  } catch (e) {
+    e.message += `\n${logsOf(gw)}`;
+    throw e;
+  } finally {
+    await stopGateway(gw);
+  }
+});
+
+test('drain and reconnect: the page reconnects by itself to the next gateway on the same port', {timeout: 90_000}, async t => {
+  const port = await freePort();
+  const args = ['--demo', 'false', '--shutdown-grace', '5s'];
+  const a = startGateway(port, args);
+  let b;
+  try {
+    await waitHealthy(a);
+    const page = await openPage(a);
+    const connects = recordConnects(page);
+    await byId(page, 'connect').click();
+    await waitForStatus(page, '[data-state="ready"][data-ready-count="1"]');
+
+    // Gateway A drains: every stream gets `retry: …` and an empty `id:`, then ends.
+    const t0 = Date.now();
+    a.child.kill('SIGTERM');
+    const exit = await Promise.race([a.exited, sleep(15_000).then(() => null)]);
+    assert.ok(exit, 'gateway A did not exit within 15 s of SIGTERM');
+    assert.equal(exit.code, 0, `gateway A exited with ${JSON.stringify(exit)}`);
+
+    // Gateway B takes over the same address; the page's EventSource URL now reaches B.
+    b = startGateway(port, args);
+    await waitHealthy(b);
+    await waitForStatus(page, '[data-state="ready"][data-ready-count="2"]', 30_000);
+    const reconnectMs = Date.now() - t0;
+
+    const s = taskMessage(7, {kind: 'task-running', project: 'mozilla-beta'});
+    const {routed} = await publish(b, s.message);
+    assert.equal(routed, 1, 'the page has a subscription on gateway B');
+    await page.locator('[data-testid="message"]', {hasText: s.marker}).waitFor();
+
+    const requests = await connects();
+    assert.ok(requests.length >= 2, `expected a reconnect, saw ${requests.length} connect requests`);
+    for (const r of requests) assert.equal(r.lastEventId, undefined, 'no request carries Last-Event-Id (it would get 204)');
+    const log = await byId(page, 'log').textContent();
+    assert.match(log, /ready \(reconnected by the browser\)/);
+    t.diagnostic(`page ready on gateway B ${reconnectMs} ms after SIGTERM to A; ${requests.length} connect requests`);
+  } catch (e) {
+    e.message += `\n${logsOf(a, b)}`;
+    throw e;
+  } finally {
+    await stopGateway(a, 'SIGKILL');
+    await stopGateway(b);
+  }
+});
+
+test('screenshot with demo traffic, and the page fits a narrow window', {timeout: 60_000}, async () => {
+  const gw = startGateway(await freePort(), ['--demo-rate', '20', '--ping-interval', '2s']);
+  let frozen = false;
+  try {
+    await waitHealthy(gw);
+    const page = await openPage(gw, {width: 1280, height: 1000});
+    await byId(page, 'connect').click();
+    await waitForStatus(page, '[data-state="ready"]');
+    await sleep(3000);
+    const n = await page.locator('[data-testid="message"]').count();
+    assert.ok(n >= 10, `only ${n} demo messages after 3 s at 20/s`);
+    assert.ok(parseFloat(await byId(page, 'rate').textContent()) > 0);
+    assert.match(await byId(page, 'last-ping').textContent(), /^\d\d:\d\d:\d\dZ$/);
+
+    // Hold the gateway still (SIGSTOP) so the list does not move while one payload is opened
+    // and the picture is taken; the stream stays open and the page stays `ready`.
+    gw.child.kill('SIGSTOP');
+    frozen = true;
+    await sleep(300);
+    await page.locator('[data-testid="message"] summary').nth(2).click();
+    fs.mkdirSync(path.dirname(SCREENSHOT_PATH), {recursive: true});
+    await page.screenshot({path: SCREENSHOT_PATH});
+    assert.ok(fs.statSync(SCREENSHOT_PATH).size > 10_000);
+    gw.child.kill('SIGCONT');
+    frozen = false;
+
+    // A phone-sized window: nothing wider than the viewport.
+    await page.setViewportSize({width: 390, height: 844});
+    await sleep(300);
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+    assert.ok(overflow <= 0, `the page is ${overflow}px wider than a 390px window`);
+    await byId(page, 'disconnect').click();
+    await waitForStatus(page, '[data-state="closed"]');
+  } catch (e) {
+    e.message += `\n${logsOf(gw)}`;
+    throw e;
+  } finally {
+    if (frozen) gw.child.kill('SIGCONT');
+    await stopGateway(gw);
+  }
+});
+
+// ---- helpers -------------------------------------------------------------------------------
+
+async function runShell(command, timeoutMs) {
+  const child = spawn('bash', ['-c', command], {stdio: ['ignore', 'pipe', 'pipe']});
+  children.add(child);
+  let out = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', d => { out += d; });
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  await once(child, 'exit');
+  clearTimeout(timer);
+  children.delete(child);
+  return out;
+}
