@@ -97,6 +97,15 @@ pub fn lagged_comment(missed: u64) -> Bytes {
     ))
 }
 
+/// An SSE comment telling clients that messages may have been missed: the broker queue
+/// that feeds their subscription was lost (deleted, or expired during an outage).
+pub fn missed_comment(exchange: &str) -> Bytes {
+    let exchange = exchange.replace(['\r', '\n'], " ");
+    Bytes::from(format!(
+        ": messages on {exchange} may have been missed: the broker queue was lost and re-created\n\n"
+    ))
+}
+
 /// The last frame of a stream the server ends on purpose: the empty `id:` resets the
 /// client's last event id (so it reconnects without `Last-Event-Id`, which would get 204),
 /// and `retry:` spreads the reconnections over time.

@@ -20,7 +20,7 @@ pub const OUTCOMES: &[&str] = &[
 ];
 
 /// Reasons counted in `events_gateway_messages_dropped_total`.
-pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable"];
+pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
 
 /// Every metric the gateway exports.
 #[derive(Clone)]
@@ -97,7 +97,7 @@ impl Metrics {
             messages_dropped: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_messages_dropped_total",
-                    "Messages not delivered, by reason: slow_client (per client), malformed (body not UTF-8 JSON), unroutable (no client pattern matched)",
+                    "Messages not delivered, by reason: slow_client (per client), malformed (body not UTF-8 JSON), unroutable (no client pattern matched), duplicate (a redelivery after a lost connection that clients already had)",
                 ),
                 &["reason"],
             )

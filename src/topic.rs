@@ -102,6 +102,21 @@ impl<V: PartialEq> TopicTrie<V> {
         removed
     }
 
+    /// Calls `f` with every value, whatever its pattern.
+    pub fn for_each<'a>(&'a self, f: &mut impl FnMut(&'a V)) {
+        fn go<'a, V>(node: &'a Node<V>, f: &mut impl FnMut(&'a V)) {
+            node.values.iter().for_each(&mut *f);
+            node.words.values().for_each(|c| go(c, f));
+            if let Some(c) = node.star.as_deref() {
+                go(c, f);
+            }
+            if let Some(c) = node.hash.as_deref() {
+                go(c, f);
+            }
+        }
+        go(&self.root, f);
+    }
+
     /// Calls `found` with every value whose pattern matches `key`. A value can be reported
     /// more than once if several of its patterns match; callers de-duplicate.
     pub fn matches<'a>(&'a self, key: &str, found: &mut impl FnMut(&'a V)) {

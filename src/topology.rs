@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::message::{Frame, Incoming};
@@ -240,6 +241,35 @@ impl Topology {
         }
         self.metrics.messages_delivered.inc_by(delivered as u64);
         targets.len()
+    }
+}
+
+impl Topology {
+    /// Sends `comment` (an SSE comment frame) to every subscription bound on `exchange`.
+    pub fn notice(&self, exchange: &str, comment: Bytes) {
+        let mut targets: Vec<Arc<Subscription>> = Vec::new();
+        {
+            let map = self.read();
+            if let Some(ex) = map.get(exchange) {
+                ex.trie.for_each(&mut |s: &SubRef| {
+                    if !targets.iter().any(|t| Arc::ptr_eq(t, &s.0)) {
+                        targets.push(s.0.clone());
+                    }
+                });
+            }
+        }
+        let frame = Frame {
+            bytes: comment,
+            received: Instant::now(),
+        };
+        for sub in targets {
+            sub.send(frame.clone());
+        }
+    }
+
+    /// Counts a redelivery skipped because its clients already had the message.
+    pub fn count_duplicate(&self) {
+        self.metrics.dropped("duplicate", 1);
     }
 }
 

@@ -305,9 +305,9 @@ struct Reconciler {
     generation: u64,
     ops: Option<Channel>,
     consumer: Option<(Channel, tokio::task::JoinHandle<()>)>,
-    /// Set by the consumer task when its stream ends (channel or connection lost, queue
-    /// deleted by someone else).
-    consumer_lost: Arc<AtomicBool>,
+    /// Shared with the consumer task: set when its stream ends (channel or connection
+    /// lost, queue deleted by someone else), and its most recent deliveries.
+    consumer_end: ConsumerEnd,
     /// Queue declared (and consumed) on the current connection.
     declared: bool,
     /// The queue may exist on the broker (declared on this or an earlier connection).
@@ -330,15 +330,20 @@ enum Step {
 impl Reconciler {
     fn new(broker: Arc<AmqpBroker>, exchange: String, notify: Arc<Notify>) -> Self {
         let queue = broker.queue_name(&exchange);
+        let recent = Recent::new((usize::from(broker.settings.prefetch) + ACK_BATCH as usize) * 2);
         Self {
             broker,
             exchange,
             queue,
-            notify,
             generation: 0,
             ops: None,
             consumer: None,
-            consumer_lost: Arc::new(AtomicBool::new(false)),
+            consumer_end: ConsumerEnd {
+                lost: Arc::new(AtomicBool::new(false)),
+                recent: Arc::new(Mutex::new(recent)),
+                notify: notify.clone(),
+            },
+            notify,
             declared: false,
             queue_may_exist: false,
             bound: HashSet::new(),
@@ -435,7 +440,9 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, live: &Live) -> Step {
-        if self.generation != live.generation || self.consumer_lost.swap(false, Ordering::AcqRel) {
+        if self.generation != live.generation
+            || self.consumer_end.lost.swap(false, Ordering::AcqRel)
+        {
             if self.generation != 0 {
                 self.forget_connection();
             }
@@ -534,10 +541,10 @@ impl Reconciler {
     }
 
     async fn ops_channel(&mut self, live: &Live) -> Result<Channel, Step> {
-        if let Some(ops) = &self.ops {
-            if ops.status().connected() {
-                return Ok(ops.clone());
-            }
+        if let Some(ops) = &self.ops
+            && ops.status().connected()
+        {
+            return Ok(ops.clone());
         }
         let ops = timed(live.connection.create_channel())
             .await
@@ -563,6 +570,11 @@ impl Reconciler {
         if let Err(err) = check {
             return self.refused(err);
         }
+        let ops = if self.queue_may_exist {
+            self.check_queue_survived(ops, live).await?
+        } else {
+            ops.clone()
+        };
         let settings = &self.broker.settings;
         let mut args = FieldTable::default();
         args.insert(
@@ -598,6 +610,36 @@ impl Reconciler {
         Ok(true)
     }
 
+    /// Before declaring again a queue we had: did it survive (outage shorter than
+    /// `x-expires`, nobody deleted it)? If not, its messages since are lost: the
+    /// subscriptions on this exchange are told, and nothing of the old queue is assumed.
+    /// Returns the channel to go on with (a failed passive declare closes the channel).
+    async fn check_queue_survived(&mut self, ops: &Channel, live: &Live) -> Result<Channel, Step> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let probe =
+            timed(ops.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()))
+                .await;
+        match probe {
+            Ok(_) => Ok(ops.clone()),
+            Err(err) if is_not_found(&err) => {
+                tracing::warn!(queue = %self.queue, exchange = %self.exchange, "broker queue was lost; re-creating it, messages published meanwhile are missed");
+                self.queue_may_exist = false;
+                self.stale.clear();
+                self.consumer_end.recent().clear();
+                self.broker.topology.notice(
+                    &self.exchange,
+                    crate::message::missed_comment(&self.exchange),
+                );
+                self.ops = None;
+                self.ops_channel(live).await
+            }
+            Err(err) => Err(Step::Retry(err.to_string())),
+        }
+    }
+
     /// A failed declare: final refusals fail every binding of the exchange (`Ok(false)`),
     /// anything else is retried.
     fn refused(&mut self, err: TimedError) -> Result<bool, Step> {
@@ -629,14 +671,13 @@ impl Reconciler {
         ))
         .await
         .map_err(|e| e.to_string())?;
-        self.consumer_lost.store(false, Ordering::Release);
+        self.consumer_end.lost.store(false, Ordering::Release);
         let task = tokio::spawn(consume(
             self.broker.topology.clone(),
             self.exchange.clone(),
             channel.clone(),
             consumer,
-            self.consumer_lost.clone(),
-            self.notify.clone(),
+            self.consumer_end.clone(),
         ));
         self.consumer = Some((channel, task));
         Ok(())
@@ -687,6 +728,10 @@ enum TimedError {
     Timeout,
 }
 
+fn is_not_found(err: &TimedError) -> bool {
+    matches!(err, TimedError::Broker(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404))
+}
+
 /// A refusal that is final for the subscriptions involved (as opposed to a transient error).
 fn refusal(err: &TimedError, exchange: &str) -> Option<BindError> {
     let TimedError::Broker(err) = err else {
@@ -703,13 +748,21 @@ fn refusal(err: &TimedError, exchange: &str) -> Option<BindError> {
 }
 
 /// Hands each delivery to the topology and acknowledges in batches.
+///
+/// A cut connection makes the broker redeliver (flag `redelivered`) every delivery whose
+/// acknowledgement it had not processed, including ones already handed to clients and
+/// acknowledged on our side while the acknowledgement was still on the wire. So the hashes
+/// of the most recent deliveries (at least `prefetch` of them: the broker holds no more
+/// unacknowledged ones) are kept, carried over to the next consumer of the queue, and a
+/// redelivery that matches one is skipped: clients get each message once across a cut.
+/// (A publisher that sends the very same routing key and body twice, and whose second copy
+/// is redelivered after a cut, would lose that copy; Pulse messages carry unique ids.)
 async fn consume(
     topology: Arc<Topology>,
     exchange: String,
     channel: Channel,
     mut consumer: Consumer,
-    lost: Arc<AtomicBool>,
-    notify: Arc<Notify>,
+    ended: ConsumerEnd,
 ) {
     let mut unacked = 0u64;
     let mut next = None;
@@ -721,32 +774,103 @@ async fn consume(
         let Some(Ok(delivery)) = item else {
             break;
         };
-        let cc = cc_header(&delivery.properties);
-        let incoming = Incoming {
-            exchange: delivery.exchange.as_str(),
-            routing_key: delivery.routing_key.as_str(),
-            redelivered: delivery.redelivered,
-            cc,
-            body: &delivery.data,
-        };
-        topology.deliver(&exchange, &incoming);
-        let last_tag = delivery.delivery_tag;
+        let hash = delivery_hash(delivery.routing_key.as_str(), &delivery.data);
+        if delivery.redelivered && ended.recent().take(hash) {
+            topology.count_duplicate();
+        } else {
+            let incoming = Incoming {
+                exchange: delivery.exchange.as_str(),
+                routing_key: delivery.routing_key.as_str(),
+                redelivered: delivery.redelivered,
+                cc: cc_header(&delivery.properties),
+                body: &delivery.data,
+            };
+            topology.deliver(&exchange, &incoming);
+        }
+        ended.recent().push(hash);
         unacked += 1;
-        if unacked < ACK_BATCH {
-            if let Some(item) = consumer.next().now_or_never() {
-                next = Some(item);
-                continue;
-            }
+        if unacked < ACK_BATCH
+            && let Some(item) = consumer.next().now_or_never()
+        {
+            next = Some(item);
+            continue;
         }
         let multiple = BasicAckOptions { multiple: true };
-        if channel.basic_ack(last_tag, multiple).await.is_err() {
+        if channel
+            .basic_ack(delivery.delivery_tag, multiple)
+            .await
+            .is_err()
+        {
             break;
         }
         unacked = 0;
     }
     tracing::debug!(%exchange, "consumer ended");
-    lost.store(true, Ordering::Release);
-    notify.notify_one();
+    ended.lost.store(true, Ordering::Release);
+    ended.notify.notify_one();
+}
+
+/// What a consumer shares with its reconciler, and leaves to the next consumer.
+#[derive(Clone)]
+struct ConsumerEnd {
+    /// Set when the consumer's stream ended.
+    lost: Arc<AtomicBool>,
+    /// Hashes of the most recent deliveries (see [`consume`]). A std `Mutex`: one consumer
+    /// at a time uses it, for a few nanoseconds per delivery.
+    recent: Arc<Mutex<Recent>>,
+    notify: Arc<Notify>,
+}
+
+impl ConsumerEnd {
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A bounded ring of delivery hashes.
+struct Recent {
+    hashes: std::collections::VecDeque<u64>,
+    capacity: usize,
+}
+
+impl Recent {
+    fn new(capacity: usize) -> Self {
+        Self {
+            hashes: std::collections::VecDeque::with_capacity(capacity),
+            capacity,
+        }
+    }
+
+    fn push(&mut self, hash: u64) {
+        if self.hashes.len() == self.capacity {
+            self.hashes.pop_front();
+        }
+        self.hashes.push_back(hash);
+    }
+
+    /// Whether `hash` was delivered recently; forgets it if so.
+    fn take(&mut self, hash: u64) -> bool {
+        match self.hashes.iter().rposition(|h| *h == hash) {
+            Some(i) => {
+                self.hashes.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.hashes.clear();
+    }
+}
+
+/// Identifies a delivery well enough to recognise its redelivery.
+fn delivery_hash(routing_key: &str, body: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    routing_key.hash(&mut h);
+    body.hash(&mut h);
+    h.finish()
 }
 
 /// The entries of the `CC` header (an array of strings), in order.

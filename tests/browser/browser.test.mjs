@@ -35,6 +35,8 @@ const KINDS = ['task-defined', 'task-pending', 'task-running', 'task-completed',
 // What the page's editor holds at first (a Treeherder-style example).
 const EXAMPLE = {bindings: KINDS.map(k => ({exchange: EXCHANGE(k), routingKeyPattern: 'route.tc-treeherder.v2.#'}))};
 const RUN = Math.random().toString(36).slice(2, 8);
+// For Promise.race: a timer that resolves to null and does not keep the process alive.
+const deadline = ms => sleep(ms, null, {ref: false});
 
 // ---- gateway processes ---------------------------------------------------------------------
 
@@ -91,7 +93,7 @@ async function waitHealthy(gw, timeoutMs = 15_000) {
 async function stopGateway(gw, signal = 'SIGTERM', timeoutMs = 10_000) {
   if (!gw || !children.has(gw.child)) return gw && gw.exited;
   gw.child.kill(signal);
-  const done = await Promise.race([gw.exited, sleep(timeoutMs).then(() => null)]);
+  const done = await Promise.race([gw.exited, deadline(timeoutMs)]);
   if (done) return done;
   gw.child.kill('SIGKILL');
   return gw.exited;
@@ -168,6 +170,10 @@ async function openPage(gw, viewport = {width: 1280, height: 900}) {
   const response = await page.goto(pageUrl(gw));
   assert.ok(response && response.ok(), `GET ${pageUrl(gw)} answered ${response && response.status()}`);
   assert.equal(await page.title(), 'events-gateway live');
+  // The page marks <html data-app="ready"> once its script has run (a Content-Security-Policy
+  // that blocks the inline script or style shows up here, in pageErrors).
+  await page.waitForSelector('html[data-app="ready"]', {state: 'attached', timeout: 5000})
+    .catch(e => { throw new Error(`the page script did not start: ${JSON.stringify(pageErrors)}`, {cause: e}); });
   return page;
 }
 
@@ -209,7 +215,7 @@ afterEach(async () => {
 
 after(async () => {
   killAll();
-  if (browser) await Promise.race([browser.close(), sleep(10_000)]);
+  if (browser) await Promise.race([browser.close(), deadline(10_000)]);
 });
 
 // ---- tests ---------------------------------------------------------------------------------
@@ -339,9 +345,10 @@ test('drain and reconnect: the page reconnects by itself to the next gateway on 
     // Gateway A drains: every stream gets `retry: …` and an empty `id:`, then ends.
     const t0 = Date.now();
     a.child.kill('SIGTERM');
-    const exit = await Promise.race([a.exited, sleep(15_000).then(() => null)]);
+    const exit = await Promise.race([a.exited, deadline(15_000)]);
     assert.ok(exit, 'gateway A did not exit within 15 s of SIGTERM');
     assert.equal(exit.code, 0, `gateway A exited with ${JSON.stringify(exit)}`);
+    const exitMs = Date.now() - t0;
 
     // Gateway B takes over the same address; the page's EventSource URL now reaches B.
     b = startGateway(port, args);
@@ -359,7 +366,7 @@ test('drain and reconnect: the page reconnects by itself to the next gateway on 
     for (const r of requests) assert.equal(r.lastEventId, undefined, 'no request carries Last-Event-Id (it would get 204)');
     const log = await byId(page, 'log').textContent();
     assert.match(log, /ready \(reconnected by the browser\)/);
-    t.diagnostic(`page ready on gateway B ${reconnectMs} ms after SIGTERM to A; ${requests.length} connect requests`);
+    t.diagnostic(`gateway A exited ${exitMs} ms after SIGTERM; the page was ready on gateway B after ${reconnectMs} ms; ${requests.length} connect requests`);
   } catch (e) {
     e.message += `\n${logsOf(a, b)}`;
     throw e;

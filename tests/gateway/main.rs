@@ -6,5 +6,7 @@ mod drain;
 mod embedded;
 mod helpers;
 mod protocol;
+mod proxy;
+mod resilience;
 mod sharing;
 mod topic;

@@ -1,0 +1,153 @@
+//! A TCP proxy inside the test process, between the gateway and RabbitMQ, that can cut,
+//! stall or refuse the link on command, without disturbing other tests.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Bytes flow.
+    Pass,
+    /// Connections stay open but no byte flows (a hung broker or network).
+    Stall,
+    /// Bytes flow from the broker but not to it (acknowledgements are held up).
+    StallUpstream,
+    /// New connections are closed at once (a broker that is down).
+    Down,
+}
+
+pub struct FaultProxy {
+    pub addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    /// Cancelling it closes every open connection; replaced after each cut.
+    links: Arc<Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl FaultProxy {
+    /// Starts a proxy to `upstream` on 127.0.0.1:<free port>.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (mode, _) = watch::channel(Mode::Pass);
+        let links = Arc::new(Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let proxy = Self {
+            addr,
+            mode,
+            links: links.clone(),
+            stop: stop.clone(),
+        };
+        let mode_rx = proxy.mode.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                if *mode_rx.borrow() == Mode::Down {
+                    drop(client);
+                    continue;
+                }
+                let link = links.lock().expect("lock").clone();
+                tokio::spawn(relay(client, upstream, mode_rx.clone(), link));
+            }
+        });
+        proxy
+    }
+
+    /// An AMQP URL through this proxy (`query` like `heartbeat=2`, may be empty).
+    pub fn amqp_url(&self, query: &str) -> String {
+        let q = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
+        format!("amqp://guest:guest@{}/%2f{q}", self.addr)
+    }
+
+    /// Closes every open connection (the gateway sees its connection drop).
+    pub fn cut(&self) {
+        let mut links = self.links.lock().expect("lock");
+        links.cancel();
+        *links = CancellationToken::new();
+    }
+
+    /// Cuts and refuses new connections until [`FaultProxy::restore`].
+    pub fn down(&self) {
+        self.mode.send_replace(Mode::Down);
+        self.cut();
+    }
+
+    /// Keeps connections open but lets no byte through.
+    pub fn stall(&self) {
+        self.mode.send_replace(Mode::Stall);
+    }
+
+    /// Lets bytes flow from the broker only.
+    pub fn stall_upstream(&self) {
+        self.mode.send_replace(Mode::StallUpstream);
+    }
+
+    /// Lets bytes and connections through again.
+    pub fn restore(&self) {
+        self.mode.send_replace(Mode::Pass);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.cut();
+    }
+}
+
+async fn relay(
+    client: TcpStream,
+    upstream: SocketAddr,
+    mode: watch::Receiver<Mode>,
+    link: CancellationToken,
+) {
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    tokio::select! {
+        _ = pump(cr, sw, mode.clone(), true) => {}
+        _ = pump(sr, cw, mode, false) => {}
+        () = link.cancelled() => {}
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut mode: watch::Receiver<Mode>,
+    upstream: bool,
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        while matches!(
+            (*mode.borrow_and_update(), upstream),
+            (Mode::Stall, _) | (Mode::StallUpstream, true)
+        ) {
+            if mode.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}

@@ -1,0 +1,278 @@
+//! Faults injected for real: the gateway's link to RabbitMQ is cut, refused or stalled by
+//! a proxy in the test process, and an operator deletes a queue. Clients stay connected
+//! and lose nothing the design promises.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lapin::options::QueueDeleteOptions;
+
+use crate::helpers::*;
+use crate::proxy::FaultProxy;
+
+fn rabbitmq_addr() -> SocketAddr {
+    "127.0.0.1:5672".parse().expect("addr")
+}
+
+/// Reads `message` events (skipping pings) until `count` have arrived; returns how many
+/// times each payload `n` was seen.
+async fn collect(client: &mut SseClient, count: usize, within: Duration) -> BTreeMap<u64, usize> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = BTreeMap::new();
+    let mut total = 0;
+    while total < count {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = client.next_within(left).await.expect("stream stays open");
+        if event.event == "message" {
+            let n = message_json(&event.data)["payload"]["n"]
+                .as_u64()
+                .expect("n");
+            *seen.entry(n).or_insert(0) += 1;
+            total += 1;
+        }
+    }
+    seen
+}
+
+async fn publish_range(broker: &Broker, ex: &str, range: std::ops::Range<u64>) {
+    for n in range {
+        broker
+            .publish(ex, "k", &[], format!("{{\"n\":{n}}}").as_bytes())
+            .await;
+    }
+}
+
+async fn wait_broker(gw: &TestGateway, connected: bool, within: Duration) {
+    let running = gw.running.as_ref().expect("running");
+    eventually(within, || running.broker().is_connected() == connected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("outage").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url, "--ping-interval=300ms"]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+    publish_range(&broker, &ex, 0..10).await;
+    assert_eq!(
+        collect(&mut client, 10, Duration::from_secs(5)).await.len(),
+        10
+    );
+
+    // Act: the broker link goes down; messages keep being published meanwhile.
+    proxy.down();
+    wait_broker(&gw, false, Duration::from_secs(5)).await;
+    let hb = gw
+        .http
+        .get(gw.url("/__heartbeat__"))
+        .send()
+        .await
+        .expect("hb");
+    assert_eq!(hb.status(), 503, "the outage shows in health");
+    assert_eq!(gw.metric("events_gateway_broker_connected").await, 0.0);
+    publish_range(&broker, &ex, 10..20).await;
+    // The client stays connected: pings go on.
+    client.expect("ping").await;
+    let outage_started = std::time::Instant::now();
+    proxy.restore();
+    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    let recovered_in = outage_started.elapsed();
+    publish_range(&broker, &ex, 20..30).await;
+
+    // Assert: everything published during and after the outage arrives, once, in order.
+    let seen = collect(&mut client, 20, Duration::from_secs(10)).await;
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (10..30).collect::<Vec<_>>()
+    );
+    assert!(seen.values().all(|c| *c == 1), "no duplicates: {seen:?}");
+    assert!(gw.metric("events_gateway_broker_reconnects_total").await >= 1.0);
+    eprintln!("recovered {recovered_in:?} after the link came back");
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("burst").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url, "--subscription-buffer=8192"]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+
+    let total = 3000u64;
+    let publisher = {
+        let ex = ex.clone();
+        tokio::spawn(async move {
+            let broker = Broker::connect().await;
+            publish_range(&broker, &ex, 0..total).await;
+        })
+    };
+    // Cut twice while messages are in flight between broker, gateway and client.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        proxy.cut();
+    }
+    publisher.await.expect("published");
+    let seen = collect(&mut client, total as usize, Duration::from_secs(30)).await;
+    assert_eq!(seen.len() as u64, total, "nothing lost");
+    let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(dups.is_empty(), "no duplicates: {dups:?}");
+    client.expect_silence(Duration::from_millis(500)).await;
+    eprintln!(
+        "redeliveries skipped as duplicates: {}",
+        gw.metric("events_gateway_messages_dropped_total{reason=\"duplicate\"}")
+            .await
+    );
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("acks").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+
+    // Arrange: deliveries reach the client but their acknowledgements never reach the
+    // broker; then the link is cut, so the broker redelivers all of them.
+    proxy.stall_upstream();
+    publish_range(&broker, &ex, 0..50).await;
+    assert_eq!(
+        collect(&mut client, 50, Duration::from_secs(10))
+            .await
+            .len(),
+        50
+    );
+    proxy.cut();
+    proxy.restore();
+    wait_broker(&gw, true, Duration::from_secs(10)).await;
+
+    // Assert: the redeliveries are recognised and skipped; new messages flow.
+    let running = gw.running.as_ref().expect("running");
+    let metrics = running.metrics().clone();
+    eventually(Duration::from_secs(10), || {
+        metrics
+            .messages_dropped
+            .with_label_values(&["duplicate"])
+            .get()
+            == 50
+    })
+    .await;
+    publish_range(&broker, &ex, 50..55).await;
+    let seen = collect(&mut client, 5, Duration::from_secs(10)).await;
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (50..55).collect::<Vec<_>>()
+    );
+    client.expect_silence(Duration::from_millis(300)).await;
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_connecting_during_an_outage_wait_then_get_an_error() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("waiting").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url, "--ready-timeout=1500ms"]).await;
+    gw.wait_connected().await;
+    proxy.down();
+    wait_broker(&gw, false, Duration::from_secs(5)).await;
+
+    let started = std::time::Instant::now();
+    let mut waiting = gw.connect(&[(&ex, "#")]).await;
+    assert_eq!(
+        waiting.expect("error").await,
+        "\"Timed out waiting for the broker to confirm the bindings; try again later\""
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1400));
+    waiting.expect_end().await;
+    assert_eq!(
+        gw.metric("events_gateway_connections_total{outcome=\"timeout\"}")
+            .await,
+        1.0
+    );
+
+    proxy.restore();
+    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    let mut after = gw.connect(&[(&ex, "#")]).await;
+    after.expect("ready").await;
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_link_is_noticed_by_heartbeats_and_recovered() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("stall").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url("heartbeat=1"));
+    let gw = TestGateway::start(&[&url]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+
+    proxy.stall();
+    let stalled_at = std::time::Instant::now();
+    wait_broker(&gw, false, Duration::from_secs(15)).await;
+    let noticed_in = stalled_at.elapsed();
+    proxy.cut();
+    proxy.restore();
+    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    // The binding is back once a new client is ready on it (ready needs bind-ok).
+    let mut probe = gw.connect(&[(&ex, "#")]).await;
+    probe.expect("ready").await;
+    publish_range(&broker, &ex, 0..5).await;
+    assert_eq!(
+        collect(&mut client, 5, Duration::from_secs(10)).await.len(),
+        5
+    );
+    eprintln!("stall noticed after {noticed_in:?}");
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_deleted_by_an_operator_is_recreated_and_its_clients_are_told() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("deleted").await;
+    let gw = TestGateway::start(&[]).await;
+    let query = bindings_query(&[(&ex, "#")]);
+    let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
+    raw.read_until(b"event: ready", Duration::from_secs(5))
+        .await;
+    let objects = broker_objects(&gw.queue_prefix).await;
+    assert_eq!(objects.queues.len(), 1);
+
+    broker
+        .channel
+        .queue_delete(
+            objects.queues[0].as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .expect("operator deletes the queue");
+
+    raw.read_until(b"may have been missed", Duration::from_secs(10))
+        .await;
+    broker_eventually(&gw.queue_prefix, Duration::from_secs(10), |o| {
+        o.queues.len() == 1 && o.bindings.len() == 1 && o.consumers == 1
+    })
+    .await;
+    broker.publish(&ex, "k", &[], b"{\"after\":true}").await;
+    raw.read_until(b"{\"after\":true}", Duration::from_secs(5))
+        .await;
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
