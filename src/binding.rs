@@ -234,6 +234,9 @@ fn v8_json_error(text: &str, err: &serde_json::Error) -> String {
     if err.is_eof() {
         return "Unexpected end of JSON input".to_owned();
     }
+    if err.to_string().starts_with("recursion limit exceeded") {
+        return "JSON nested too deeply (at most 128 levels)".to_owned();
+    }
     let chars: Vec<char> = text.chars().collect();
     let pos = char_position(text, err.line(), err.column()).min(chars.len().saturating_sub(1));
     let token = chars.get(pos).copied().unwrap_or(' ');
@@ -392,7 +395,7 @@ mod tests {
     #[test]
     fn deep_nesting_and_odd_input_do_not_panic() {
         let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(err(&deep).contains("not valid JSON"));
+        assert_eq!(err(&deep), "JSON nested too deeply (at most 128 levels)");
         for input in [
             "",
             " ",
@@ -415,5 +418,68 @@ mod tests {
             "{}",
             err(text)
         );
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn json() -> impl Strategy<Value = serde_json::Value> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::from),
+                any::<i64>().prop_map(serde_json::Value::from),
+                ".{0,300}".prop_map(serde_json::Value::from),
+                Just(serde_json::Value::from("exchange/a")),
+                Just(serde_json::Value::from("#")),
+            ];
+            leaf.prop_recursive(6, 64, 8, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..8)
+                        .prop_map(serde_json::Value::from),
+                    proptest::collection::btree_map(
+                        prop_oneof![
+                            Just("bindings".to_owned()),
+                            Just("exchange".to_owned()),
+                            Just("routingKeyPattern".to_owned()),
+                            ".{0,8}"
+                        ],
+                        inner,
+                        0..4
+                    )
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Any JSON document is either a valid set within the limits or a clear error.
+            #[test]
+            fn any_json_gets_a_set_or_an_error(doc in json()) {
+                let limits = Limits::default();
+                match parse_json(&doc.to_string(), &limits) {
+                    Ok(set) => {
+                        prop_assert!(set.len() <= limits.max_bindings);
+                        for b in set.iter() {
+                            prop_assert!(!b.exchange.is_empty() && b.exchange.len() <= MAX_NAME_BYTES);
+                            prop_assert!(b.exchange.starts_with("exchange/"));
+                            prop_assert!(b.pattern.len() <= MAX_NAME_BYTES);
+                        }
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            /// Any query string, percent-encoded or not, is handled without panicking.
+            #[test]
+            fn any_query_is_safe(q in ".{0,200}", raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let limits = Limits::default();
+                let _ = parse_query(Some(&q), &limits);
+                let encoded: String = raw.iter().map(|b| format!("%{b:02X}")).collect();
+                let _ = parse_query(Some(&format!("bindings={encoded}")), &limits);
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! | route | what |
 //! |---|---|
 //! | `GET /api/events/v1/connect/`, `/events/v1/connect/` (final `/` optional) | the SSE stream |
+//! | `GET /` | the live page (edit bindings, connect, watch messages) |
 //! | `GET /api/events/v1/ping` | `{"alive":true,"uptime":…}` |
 //! | `GET /__lbheartbeat__` | 200 `{}` while the process serves |
 //! | `GET /__heartbeat__` | 200 while the broker connection is up, 503 otherwise or when draining |
@@ -94,6 +95,19 @@ pub fn routes(
                 &serde_json::json!({"alive": true, "uptime": uptime}),
             )
         });
+    let page = warp::path::end().and(warp::get()).map(|| {
+        let mut resp = Response::new(crate::page::HTML.into());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/html; charset=utf-8"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        if let Ok(csp) = HeaderValue::from_str(&crate::page::CSP) {
+            h.insert("content-security-policy", csp);
+        }
+        resp
+    });
     let lbheartbeat = warp::path!("__lbheartbeat__")
         .and(warp::get())
         .map(|| json(StatusCode::OK, &serde_json::json!({})));
@@ -144,6 +158,8 @@ pub fn routes(
         });
     let cors = state.cors_origin.clone();
     connect
+        .or(page)
+        .unify()
         .or(ping)
         .unify()
         .or(lbheartbeat)
@@ -355,12 +371,15 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
 
 /// The headers Taskcluster's lib-api puts on every response (see the transcripts).
 fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
-        ),
-    );
+    // The page sets its own policy (see `page`); everything else allows nothing.
+    if !h.contains_key("content-security-policy") {
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
+            ),
+        );
+    }
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),

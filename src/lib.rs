@@ -31,6 +31,7 @@ pub mod demo;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod page;
 pub mod registry;
 pub mod server;
 pub mod sse;

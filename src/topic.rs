@@ -275,4 +275,60 @@ mod tests {
         trie.matches(&key, &mut |_| n += 1);
         assert!(n >= 1);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn word() -> impl Strategy<Value = String> {
+            prop_oneof![Just("a"), Just("b"), Just(""), Just("ab")].prop_map(str::to_owned)
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            proptest::collection::vec(word(), 0..6).prop_map(|w| w.join("."))
+        }
+
+        fn pattern() -> impl Strategy<Value = String> {
+            let token = prop_oneof![word(), Just("*".to_owned()), Just("#".to_owned())];
+            proptest::collection::vec(token, 0..6).prop_map(|w| w.join("."))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// The trie agrees with the direct definition on random patterns and keys.
+            #[test]
+            fn trie_agrees_with_the_reference(
+                patterns in proptest::collection::vec(pattern(), 1..12),
+                keys in proptest::collection::vec(key(), 1..12),
+            ) {
+                let mut trie = TopicTrie::new();
+                for (i, p) in patterns.iter().enumerate() {
+                    trie.insert(p, i);
+                }
+                for k in &keys {
+                    let mut got = Vec::new();
+                    trie.matches(k, &mut |v| got.push(*v));
+                    got.sort_unstable();
+                    got.dedup();
+                    let expected: Vec<usize> = (0..patterns.len())
+                        .filter(|&i| reference_match(&patterns[i], k))
+                        .collect();
+                    prop_assert_eq!(got, expected, "key {:?}", k);
+                }
+                for (i, p) in patterns.iter().enumerate() {
+                    prop_assert!(trie.remove(p, &i));
+                }
+                prop_assert!(trie.is_empty());
+            }
+
+            /// Arbitrary text never panics the matcher.
+            #[test]
+            fn any_text_is_safe(p in ".{0,64}", k in ".{0,64}") {
+                let mut trie = TopicTrie::new();
+                trie.insert(&p, 0);
+                trie.matches(&k, &mut |_| {});
+            }
+        }
+    }
 }

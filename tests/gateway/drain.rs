@@ -148,7 +148,7 @@ async fn a_spec_following_client_moves_to_the_next_gateway_when_one_drains() {
         bindings_query(&[("exchange/drain/v1/a", "#")])
     ));
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let client = tokio::spawn(spec_client(url, tx, 3));
+    let client = tokio::spawn(spec_client(url, tx, 6));
 
     assert!(matches!(
         next_seen(&mut rx, Duration::from_secs(5)).await,
@@ -173,15 +173,19 @@ async fn a_spec_following_client_moves_to_the_next_gateway_when_one_drains() {
     let answer = reqwest::get(&heartbeat).await.expect("second answers");
     assert_eq!(answer.status(), 200);
 
-    // Assert: the client came back by itself, without Last-Event-Id, and gets the new stream.
-    assert!(matches!(
-        next_seen(&mut rx, Duration::from_secs(10)).await,
-        Seen::Connected {
-            status: 200,
-            last_event_id: None
+    // Assert: the client came back by itself, never with Last-Event-Id, and gets the new
+    // stream (a reconnection that reached the first gateway while it lingered was sent
+    // away again with another reconnect frame).
+    loop {
+        match next_seen(&mut rx, Duration::from_secs(10)).await {
+            Seen::Connected {
+                status: 200,
+                last_event_id: None,
+            } => {}
+            Seen::Event { kind, .. } if kind == "ready" => break,
+            other => panic!("expected a reconnection without Last-Event-Id, got {other:?}"),
         }
-    ));
-    expect_event(&mut rx, "ready").await;
+    }
     let msg = serde_json::json!({"exchange": "exchange/drain/v1/a", "routingKey": "k", "payload": {"from": "second"}});
     second.publish(&msg).await;
     assert_eq!(

@@ -195,3 +195,44 @@ async fn time_to_ready_and_fanout_latency_are_measured() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn hostile_bindings_get_clear_answers_and_others_are_still_served() {
+    let gw = TestGateway::start_embedded(&[]).await;
+    let mut ok = gw.connect(&[("exchange/a", "#")]).await;
+    ok.expect("ready").await;
+    let one = r##"{"exchange":"exchange/a","routingKeyPattern":"#"}"##;
+    let cases = [
+        (
+            format!(r#"{{"bindings":[{}]}}"#, vec![one; 400].join(",")),
+            "\"Too many bindings: 400 given, at most 100 are allowed per connection\"",
+        ),
+        (
+            format!("{}{}", "[".repeat(5000), "]".repeat(5000)),
+            "\"JSON nested too deeply (at most 128 levels)\"",
+        ),
+        (
+            format!(
+                r##"{{"bindings":[{{"exchange":"exchange/{}","routingKeyPattern":"#"}}]}}"##,
+                "x".repeat(20_000)
+            ),
+            "\"Binding 0: `exchange` is 20009 bytes long; AMQP allows at most 255\"",
+        ),
+    ];
+    for (json, expected) in cases {
+        let mut client = gw
+            .connect_query(&format!("bindings={}", urlencode(&json)))
+            .await;
+        assert_eq!(client.expect("error").await, expected);
+        client.expect_end().await;
+    }
+    gw.publish(
+        &serde_json::json!({"exchange": "exchange/a", "routingKey": "k", "payload": {"still": 1}}),
+    )
+    .await;
+    assert_eq!(
+        message_json(&ok.expect("message").await)["payload"]["still"],
+        1
+    );
+    gw.shutdown().await;
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every test of the project on this machine:
+#   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent);
+#   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ;
+#   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate;
+#   4. tests/browser/run.sh: the live page in headless Chromium against the real binary.
+# Exits non-zero as soon as one part fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== RabbitMQ"
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server
+fi
+if ! rabbitmqctl -q status >/dev/null 2>&1; then
+  rabbitmq-server -detached
+fi
+for _ in $(seq 1 60); do
+  if rabbitmqctl -q await_startup >/dev/null 2>&1; then break; fi
+  sleep 1
+done
+rabbitmqctl -q await_startup
+
+echo "== deploy/check.sh"
+bash deploy/check.sh -q
+
+echo "== cargo test"
+cargo test
+
+echo "== browser test"
+cargo build --bin events-gateway
+bash tests/browser/run.sh
