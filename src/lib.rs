@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
@@ -116,6 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stream: sse::StreamSettings {
             ping_interval: config.ping_interval,
             ready_timeout: config.ready_timeout,
+            write_coalesce: config.write_coalesce,
         },
         cors_origin: config
             .cors_origin
@@ -124,8 +124,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         started: Instant::now(),
         draining: draining.clone(),
     });
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let listener = server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
     let stop_server = CancellationToken::new();

@@ -22,9 +22,20 @@ pub const OUTCOMES: &[&str] = &[
 /// Reasons counted in `events_gateway_messages_dropped_total`.
 pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
 
-/// Every metric the gateway exports.
+/// Every metric the gateway exports. Cheap to clone (one `Arc`): every client stream
+/// holds one.
 #[derive(Clone)]
-pub struct Metrics {
+pub struct Metrics(std::sync::Arc<MetricsInner>);
+
+impl std::ops::Deref for Metrics {
+    type Target = MetricsInner;
+    fn deref(&self) -> &MetricsInner {
+        &self.0
+    }
+}
+
+/// The metrics themselves (see [`Metrics`]).
+pub struct MetricsInner {
     registry: Registry,
     pub connections_open: IntGauge,
     pub connections_total: IntCounterVec,
@@ -45,7 +56,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
-        let m = Self {
+        let m = MetricsInner {
             connections_open: IntGauge::new(
                 "events_gateway_connections_open",
                 "SSE client connections currently open",
@@ -171,7 +182,7 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         m.uptime_start.set(now.as_secs_f64());
-        m
+        Self(std::sync::Arc::new(m))
     }
 
     /// Counts a connection outcome (one of [`OUTCOMES`]).

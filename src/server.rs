@@ -27,6 +27,23 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper answers 431 to larger heads, whether they arrive in one read or in pieces.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Connections the kernel queues for `accept` (tokio's default is 1024): a ramp of
+/// thousands of clients per second must not overflow it, or SYNs are dropped and those
+/// clients wait a second for their retransmission.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the listening socket (SO_REUSEADDR, so a restart can bind at once).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `routes` on `listener` until `shutdown` is cancelled, then lets open
 /// connections finish (streams end themselves on shutdown) for at most `grace`.
 pub async fn serve<F>(

@@ -4,8 +4,13 @@
 //! Invariants:
 //! - frames are the subscription's shared `Bytes`, never re-encoded here;
 //! - the stream is a plain state machine polled by hyper, with no task of its own: hyper
-//!   keeps polling while frames are ready and writes what it collected in one go, so a
-//!   burst leaves in a few large writes instead of one syscall per frame;
+//!   keeps polling while frames are ready and writes what it collected in one go (up to 16
+//!   frames per `writev`);
+//! - write coalescing (Nagle-like, `WRITE_COALESCE`): a frame that arrives after a quiet
+//!   period is written at once; after a write, frames arriving within the window wait in
+//!   the subscription's shared buffer (no per-client copy) and leave together at its end.
+//!   The kernel's per-write cost dominates fan-out CPU, so fewer, larger writes cut it;
+//!   the window bounds the latency added;
 //! - a client that falls behind its subscription's buffer skips the oldest frames and is
 //!   told so in an SSE comment; it never slows the others (`Lagged` in the broadcast);
 //! - dropping the stream (client gone) drops the [`Client`], which leaves the subscription.
@@ -19,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio::time::{Instant, Sleep};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -48,13 +53,23 @@ pub fn reconnect_delay_ms() -> u64 {
 pub struct StreamSettings {
     pub ping_interval: Duration,
     pub ready_timeout: Duration,
+    /// After a write, how long further frames may wait to be written together (0: never).
+    pub write_coalesce: Duration,
 }
 
 /// The body of a connect response.
 pub struct ClientStream {
     phase: Phase,
     frames: BroadcastStream<Frame>,
-    ping: Interval,
+    /// One timer for both the next ping and the end of the coalescing window.
+    timer: Pin<Box<Sleep>>,
+    next_ping: Instant,
+    ping_interval: Duration,
+    coalesce: Duration,
+    /// Frames wait until then (coalescing window after a write).
+    hold_until: Option<Instant>,
+    /// A frame was written since the stream last had nothing to write.
+    wrote: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Metrics,
     connected_at: Instant,
@@ -136,15 +151,16 @@ impl ClientStream {
             Some(rx) => BroadcastStream::new(rx),
             None => BroadcastStream::new(tokio::sync::broadcast::channel(1).1),
         };
-        let mut ping = tokio::time::interval_at(
-            Instant::now() + settings.ping_interval,
-            settings.ping_interval,
-        );
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let next_ping = Instant::now() + settings.ping_interval;
         Self {
             phase: Phase::Waiting(ready),
             frames,
-            ping,
+            timer: Box::pin(tokio::time::sleep_until(next_ping)),
+            next_ping,
+            ping_interval: settings.ping_interval,
+            coalesce: settings.write_coalesce,
+            hold_until: None,
+            wrote: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics: metrics.clone(),
             connected_at: Instant::now(),
@@ -161,6 +177,66 @@ impl ClientStream {
     fn end_with(&mut self, frame: Bytes) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.phase = Phase::Done;
         Poll::Ready(Some(Ok(frame)))
+    }
+
+    /// The streaming phase: frames (coalesced), pings, lag notices.
+    fn poll_streaming(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Infallible>>> {
+        let now = Instant::now();
+        if now >= self.next_ping {
+            self.next_ping = now + self.ping_interval;
+            return Poll::Ready(Some(Ok(message::ping_frame(SystemTime::now()))));
+        }
+        if let Some(until) = self.hold_until {
+            if now < until {
+                return self.sleep_until(until.min(self.next_ping), cx);
+            }
+            self.hold_until = None;
+        }
+        match Pin::new(&mut self.frames).poll_next(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.wrote = true;
+                self.metrics
+                    .fanout_latency
+                    .observe(frame.received.elapsed().as_secs_f64());
+                Poll::Ready(Some(Ok(frame.bytes)))
+            }
+            Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                tracing::debug!(parent: &self._client.span, missed, "slow client lost messages");
+                self.metrics.dropped("slow_client", missed);
+                Poll::Ready(Some(Ok(message::lagged_comment(missed))))
+            }
+            Poll::Ready(None) => {
+                self.phase = Phase::Done;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                // Nothing more to write now: hyper writes what it collected. Frames that
+                // arrive within the window wait for its end.
+                if std::mem::take(&mut self.wrote) && !self.coalesce.is_zero() {
+                    self.hold_until = Some(now + self.coalesce);
+                }
+                let wake = self
+                    .hold_until
+                    .map_or(self.next_ping, |h| h.min(self.next_ping));
+                self.sleep_until(wake, cx)
+            }
+        }
+    }
+
+    /// Arms the timer for `at` and waits.
+    fn sleep_until(
+        &mut self,
+        at: Instant,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Infallible>>> {
+        if self.timer.deadline() != at {
+            self.timer.as_mut().reset(at);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            // Already due: come back at once.
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
     }
 }
 
@@ -197,30 +273,7 @@ impl Stream for ClientStream {
                     this.end_with(message::error_frame(&err.to_string()))
                 }
             },
-            Phase::Streaming => {
-                match Pin::new(&mut this.frames).poll_next(cx) {
-                    Poll::Ready(Some(Ok(frame))) => {
-                        this.metrics
-                            .fanout_latency
-                            .observe(frame.received.elapsed().as_secs_f64());
-                        return Poll::Ready(Some(Ok(frame.bytes)));
-                    }
-                    Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
-                        tracing::debug!(parent: &this._client.span, missed, "slow client lost messages");
-                        this.metrics.dropped("slow_client", missed);
-                        return Poll::Ready(Some(Ok(message::lagged_comment(missed))));
-                    }
-                    Poll::Ready(None) => {
-                        this.phase = Phase::Done;
-                        return Poll::Ready(None);
-                    }
-                    Poll::Pending => {}
-                }
-                if this.ping.poll_tick(cx).is_ready() {
-                    return Poll::Ready(Some(Ok(message::ping_frame(SystemTime::now()))));
-                }
-                Poll::Pending
-            }
+            Phase::Streaming => this.poll_streaming(cx),
         }
     }
 }

@@ -236,3 +236,45 @@ async fn hostile_bindings_get_clear_answers_and_others_are_still_served() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn frames_after_a_write_wait_for_the_coalescing_window_and_leave_together() {
+    let gw = TestGateway::start_embedded(&["--write-coalesce=400ms"]).await;
+    let query = bindings_query(&[("exchange/a", "#")]);
+    let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
+    raw.read_until(b"event: ready", Duration::from_secs(5))
+        .await;
+    let gw_ref = &gw;
+    let publish = |n: u32| {
+        let body =
+            serde_json::json!({"exchange": "exchange/a", "routingKey": "k", "payload": {"n": n}});
+        async move { gw_ref.publish(&body).await }
+    };
+
+    // A frame after a quiet period leaves at once.
+    let started = std::time::Instant::now();
+    publish(1).await;
+    raw.read_until(b"{\"n\":1}", Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Frames right after a write wait for the window, then leave together.
+    for n in 2..=4 {
+        publish(n).await;
+    }
+    let waited = std::time::Instant::now();
+    raw.read_until(b"{\"n\":4}", Duration::from_secs(5)).await;
+    assert!(
+        waited.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        waited.elapsed()
+    );
+    let text = String::from_utf8_lossy(&raw.buf).into_owned();
+    for n in 2..=4 {
+        assert!(text.contains(&format!("{{\"n\":{n}}}")));
+    }
+    gw.shutdown().await;
+}
