@@ -6,11 +6,13 @@
 //! - the stream is a plain state machine polled by hyper, with no task of its own: hyper
 //!   keeps polling while frames are ready and writes what it collected in one go (up to 16
 //!   frames per `writev`);
-//! - write coalescing (Nagle-like, `WRITE_COALESCE`): a frame that arrives after a quiet
-//!   period is written at once; after a write, frames arriving within the window wait in
-//!   the subscription's shared buffer (no per-client copy) and leave together at its end.
-//!   The kernel's per-write cost dominates fan-out CPU, so fewer, larger writes cut it;
-//!   the window bounds the latency added;
+//! - write coalescing (Nagle-like, `WRITE_COALESCE`): a frame that arrives more than the
+//!   window after the client's previous write is written at once; one that arrives sooner
+//!   is held until the window since that write has passed, and leaves together with every
+//!   frame that arrived meanwhile (they wait in the subscription's shared buffer, not in a
+//!   per-client copy). The kernel's per-write cost dominates fan-out CPU, so busy streams
+//!   get fewer, larger writes, while quiet streams never wait nor arm a timer; the window
+//!   bounds the latency added;
 //! - a client that falls behind its subscription's buffer skips the oldest frames and is
 //!   told so in an SSE comment; it never slows the others (`Lagged` in the broadcast);
 //! - dropping the stream (client gone) drops the [`Client`], which leaves the subscription.
@@ -66,10 +68,13 @@ pub struct ClientStream {
     next_ping: Instant,
     ping_interval: Duration,
     coalesce: Duration,
-    /// Frames wait until then (coalescing window after a write).
+    /// When the last frame was handed to hyper.
+    last_write: Option<Instant>,
+    /// A frame that arrived within the window after the last write, and when it may go.
+    held: Option<Frame>,
     hold_until: Option<Instant>,
-    /// A frame was written since the stream last had nothing to write.
-    wrote: bool,
+    /// Writing out everything that accumulated during a hold.
+    draining: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Metrics,
     connected_at: Instant,
@@ -159,8 +164,10 @@ impl ClientStream {
             next_ping,
             ping_interval: settings.ping_interval,
             coalesce: settings.write_coalesce,
+            last_write: None,
+            held: None,
             hold_until: None,
-            wrote: false,
+            draining: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
             metrics: metrics.clone(),
             connected_at: Instant::now(),
@@ -191,14 +198,23 @@ impl ClientStream {
                 return self.sleep_until(until.min(self.next_ping), cx);
             }
             self.hold_until = None;
+            self.draining = true;
+            if let Some(frame) = self.held.take() {
+                return Poll::Ready(Some(Ok(self.written(frame, now))));
+            }
         }
         match Pin::new(&mut self.frames).poll_next(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                self.wrote = true;
-                self.metrics
-                    .fanout_latency
-                    .observe(frame.received.elapsed().as_secs_f64());
-                Poll::Ready(Some(Ok(frame.bytes)))
+                let recent = self
+                    .last_write
+                    .filter(|at| now.duration_since(*at) < self.coalesce);
+                if let (Some(last), false) = (recent, self.draining) {
+                    let until = last + self.coalesce;
+                    self.held = Some(frame);
+                    self.hold_until = Some(until);
+                    return self.sleep_until(until.min(self.next_ping), cx);
+                }
+                Poll::Ready(Some(Ok(self.written(frame, now))))
             }
             Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
                 tracing::debug!(parent: &self._client.span, missed, "slow client lost messages");
@@ -210,17 +226,20 @@ impl ClientStream {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                // Nothing more to write now: hyper writes what it collected. Frames that
-                // arrive within the window wait for its end.
-                if std::mem::take(&mut self.wrote) && !self.coalesce.is_zero() {
-                    self.hold_until = Some(now + self.coalesce);
-                }
-                let wake = self
-                    .hold_until
-                    .map_or(self.next_ping, |h| h.min(self.next_ping));
-                self.sleep_until(wake, cx)
+                // Nothing more to write now: hyper writes what it collected in one go.
+                self.draining = false;
+                self.sleep_until(self.next_ping, cx)
             }
         }
+    }
+
+    /// Hands `frame` to hyper: records the write time and the fan-out latency.
+    fn written(&mut self, frame: Frame, now: Instant) -> Bytes {
+        self.last_write = Some(now);
+        self.metrics
+            .fanout_latency
+            .observe(frame.received.elapsed().as_secs_f64());
+        frame.bytes
     }
 
     /// Arms the timer for `at` and waits.

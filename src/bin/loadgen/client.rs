@@ -110,11 +110,21 @@ pub async fn connect_all(
     })
 }
 
-/// 127.0.0.1 for the first `per_source` clients, then 127.0.0.2, … (one address has
-/// about 28k ephemeral ports towards one destination).
+/// Source addresses: `per_source` clients on each, starting at a random 127.x.y.1 per run
+/// (one address has about 28k ephemeral ports towards one destination, and the sockets a
+/// previous run left in TIME_WAIT keep theirs busy for a minute).
 fn source_address(i: usize, per_source: usize) -> IpAddr {
+    static BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        u32::from(Ipv4Addr::new(
+            127,
+            fastrand::u8(1..255),
+            fastrand::u8(..),
+            1,
+        ))
+    });
     let n = (i / per_source.max(1)) as u32;
-    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + n))
+    IpAddr::V4(Ipv4Addr::from(base + n))
 }
 
 async fn connect(

@@ -66,8 +66,9 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
 
-    /// Clients per source address (127.0.0.1, then .2, …): one address has ~28k ports.
-    #[arg(long, default_value_t = 20_000)]
+    /// Clients per source address (a random 127.x.y.1, then .2, …): one address has ~28k
+    /// ports towards the gateway.
+    #[arg(long, default_value_t = 10_000)]
     pub clients_per_source: usize,
 
     /// RabbitMQ for the gateway and the publisher.
