@@ -61,6 +61,10 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
     pub max_connections: usize,
 
+    /// A client must send its request head within this time (slow-header protection).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// Embedded broker only: publish demo Taskcluster task events.
     #[arg(long, env = "DEMO", default_value_t = true, action = clap::ArgAction::Set)]
     pub demo: bool,
@@ -129,6 +133,7 @@ pub struct Config {
     pub listen: SocketAddr,
     pub broker: BrokerSettings,
     pub max_connections: usize,
+    pub header_read_timeout: Duration,
     pub limits: Limits,
     pub ping_interval: Duration,
     pub ready_timeout: Duration,
@@ -190,13 +195,44 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Parses command-line arguments (the first is the program name) and the environment.
+    /// Parses command-line arguments (the first is the program name) only, ignoring the
+    /// process environment: what tests use.
     pub fn parse_from<I, T>(args: I) -> Result<Self, anyhow::Error>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let args = Args::try_parse_from(args)?;
+        Self::parse_with_env(args, |_| None)
+    }
+
+    /// Parses command-line arguments and environment variables looked up with `env`
+    /// (flags win). The process environment is never read here: `main` passes
+    /// `std::env::var`, tests pass a map.
+    pub fn parse_with_env<I, T>(
+        args: I,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, anyhow::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let command = Args::command().mut_args(|arg| {
+            let value = arg
+                .get_env()
+                .and_then(|name| name.to_str())
+                .and_then(&env)
+                .filter(|v| !v.is_empty());
+            let arg = match value {
+                // A value from the environment becomes the default, hidden from --help
+                // (it may be a password).
+                Some(v) => arg.default_value(v).hide_default_value(true),
+                None => arg,
+            };
+            arg.env(None)
+        });
+        let matches = command.try_get_matches_from(args)?;
+        let args = Args::from_arg_matches(&matches)?;
         Ok(Self::from_args(args)?)
     }
 
@@ -242,6 +278,10 @@ impl Config {
             ("PREFETCH", args.prefetch as usize),
             ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
             ("READY_TIMEOUT", args.ready_timeout.as_millis() as usize),
+            (
+                "HEADER_READ_TIMEOUT",
+                args.header_read_timeout.as_millis() as usize,
+            ),
             ("QUEUE_EXPIRES", args.queue_expires.as_millis() as usize),
         ] {
             if value == 0 {
@@ -259,6 +299,7 @@ impl Config {
             listen: SocketAddr::new(args.listen_address, args.port),
             broker,
             max_connections: args.max_connections,
+            header_read_timeout: args.header_read_timeout,
             limits: Limits {
                 max_bindings: args.max_bindings,
                 allowed_exchange_prefixes,
@@ -354,6 +395,36 @@ mod tests {
         assert_eq!(amqp(&c).uri.authority.port, 5671);
         assert_eq!(amqp(&c).queue_prefix, "queue/me/events-gateway");
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn environment_comes_from_the_lookup_and_flags_win() {
+        let env: std::collections::HashMap<&str, &str> = [
+            ("PORT", "8080"),
+            ("PULSE_HOSTNAME", "pulse.example"),
+            ("PULSE_USERNAME", "me"),
+            ("PULSE_PASSWORD", "s3cret"),
+            ("PULSE_AMQPS", "false"),
+            ("PING_INTERVAL", "5s"),
+        ]
+        .into_iter()
+        .collect();
+        let lookup = |k: &str| env.get(k).map(|v| (*v).to_owned());
+        let c =
+            Config::parse_with_env(["events-gateway", "--port", "9090"], lookup).expect("valid");
+        assert_eq!(c.listen.port(), 9090, "the flag wins");
+        assert_eq!(c.ping_interval, Duration::from_secs(5));
+        assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQP);
+        assert_eq!(amqp(&c).uri.authority.port, 5672);
+        let err = Config::parse_with_env(["events-gateway", "--help"], lookup)
+            .expect_err("help is an early exit");
+        assert!(
+            !err.to_string().contains("s3cret"),
+            "help never shows the password"
+        );
+        // With no lookup, nothing comes from the process environment.
+        let c = Config::parse_from(["events-gateway"]).expect("valid");
+        assert_eq!(c.listen.port(), 12345);
     }
 
     #[test]

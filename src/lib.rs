@@ -131,8 +131,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = tokio::spawn(server::serve(
         listener,
         http::routes(state),
+        server::Limits {
+            header_read_timeout: config.header_read_timeout,
+            grace: config.shutdown_grace,
+        },
         stop_server.clone(),
-        config.shutdown_grace,
+        metrics.clone(),
     ));
     tracing::info!(%local_addr, broker = %broker.describe(), "events-gateway listening");
     Ok(Running {

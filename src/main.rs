@@ -6,7 +6,7 @@ use events_gateway::Config;
 
 #[tokio::main]
 async fn main() {
-    let config = match Config::parse_from(std::env::args_os()) {
+    let config = match Config::parse_with_env(std::env::args_os(), |k| std::env::var(k).ok()) {
         Ok(config) => config,
         Err(err) => {
             // clap errors (and --help / --version) print themselves with their own status.

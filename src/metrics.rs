@@ -19,6 +19,15 @@ pub const OUTCOMES: &[&str] = &[
     "client_gone",
 ];
 
+/// Kinds counted in `events_gateway_http_connection_errors_total`.
+pub const HTTP_ERRORS: &[&str] = &[
+    "header_timeout",
+    "head_too_large",
+    "bad_request",
+    "client_closed",
+    "other",
+];
+
 /// Reasons counted in `events_gateway_messages_dropped_total`.
 pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
 
@@ -49,6 +58,7 @@ pub struct MetricsInner {
     pub messages_dropped: IntCounterVec,
     pub uptime_start: Gauge,
     pub connections_limit: IntGauge,
+    pub http_errors: IntCounterVec,
     pub time_to_ready: Histogram,
     pub fanout_latency: Histogram,
 }
@@ -123,6 +133,14 @@ impl Metrics {
                 "Configured MAX_CONNECTIONS: SSE connections this process accepts",
             )
             .expect("valid metric"),
+            http_errors: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_http_connection_errors_total",
+                    "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), other",
+                ),
+                &["kind"],
+            )
+            .expect("valid metric"),
             time_to_ready: Histogram::with_opts(
                 HistogramOpts::new(
                     "events_gateway_time_to_ready_seconds",
@@ -160,6 +178,7 @@ impl Metrics {
             Box::new(m.messages_dropped.clone()),
             Box::new(m.uptime_start.clone()),
             Box::new(m.connections_limit.clone()),
+            Box::new(m.http_errors.clone()),
             Box::new(m.time_to_ready.clone()),
             Box::new(m.fanout_latency.clone()),
         ];
@@ -175,6 +194,9 @@ impl Metrics {
         for outcome in OUTCOMES {
             m.connections_total.with_label_values(&[*outcome]);
         }
+        for kind in HTTP_ERRORS {
+            m.http_errors.with_label_values(&[*kind]);
+        }
         for reason in DROP_REASONS {
             m.messages_dropped.with_label_values(&[*reason]);
         }
@@ -188,6 +210,11 @@ impl Metrics {
     /// Counts a connection outcome (one of [`OUTCOMES`]).
     pub fn connection(&self, outcome: &str) {
         self.connections_total.with_label_values(&[outcome]).inc();
+    }
+
+    /// Counts an HTTP connection that ended with an error (kind one of [`HTTP_ERRORS`]).
+    pub fn http_error(&self, kind: &str) {
+        self.http_errors.with_label_values(&[kind]).inc();
     }
 
     /// Counts dropped messages (reason one of [`DROP_REASONS`]).

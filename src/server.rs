@@ -20,9 +20,18 @@ use warp::Filter;
 use warp::reply::Response;
 
 use crate::http::PeerAddr;
+use crate::metrics::Metrics;
 
-/// A client must send its whole request head within this time.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limits of the HTTP side.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A client must send its whole request head within this time (slow-header clients
+    /// are disconnected).
+    pub header_read_timeout: Duration,
+    /// After shutdown, how long open connections may take to finish.
+    pub grace: Duration,
+}
+
 /// Largest request head (request line with the query string, and headers) accepted.
 /// hyper answers 431 to larger heads, whether they arrive in one read or in pieces.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -49,8 +58,9 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub async fn serve<F>(
     listener: TcpListener,
     routes: F,
+    limits: Limits,
     shutdown: CancellationToken,
-    grace: Duration,
+    metrics: Metrics,
 ) where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
@@ -78,19 +88,34 @@ pub async fn serve<F>(
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_read_timeout)
             .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES.max(8192))
             .serve_connection(TokioIo::new(stream), hyper_service);
         let conn = graceful.watch(conn);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             if let Err(err) = conn.await {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
+                // A departing SSE client shows up here as an incomplete message: normal,
+                // so never logged as an error.
+                let kind = if err.is_timeout() {
+                    "header_timeout"
+                } else if err.is_parse_too_large() {
+                    "head_too_large"
+                } else if err.is_parse() {
+                    "bad_request"
+                } else if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
+                    "client_closed"
+                } else {
+                    "other"
+                };
+                metrics.http_error(kind);
+                tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    if tokio::time::timeout(limits.grace, graceful.shutdown())
         .await
         .is_err()
     {

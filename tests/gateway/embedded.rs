@@ -278,3 +278,27 @@ async fn frames_after_a_write_wait_for_the_coalescing_window_and_leave_together(
     }
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_sends_its_headers_too_slowly_is_disconnected() {
+    let gw = TestGateway::start_embedded(&["--header-read-timeout=500ms"]).await;
+    let mut slow = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"GET /__lbheartbeat__ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("partial head");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut slow, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the server closes the connection");
+    assert_eq!(
+        gw.metric("events_gateway_http_connection_errors_total{kind=\"header_timeout\"}")
+            .await,
+        1.0
+    );
+    gw.shutdown().await;
+}

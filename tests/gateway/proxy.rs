@@ -26,6 +26,8 @@ pub struct FaultProxy {
     mode: watch::Sender<Mode>,
     /// Cancelling it closes every open connection; replaced after each cut.
     links: Arc<Mutex<CancellationToken>>,
+    /// Local ports of the proxy's connections to the broker (the broker's "peer ports").
+    upstream_ports: Arc<Mutex<Vec<u16>>>,
     stop: CancellationToken,
 }
 
@@ -37,10 +39,12 @@ impl FaultProxy {
         let (mode, _) = watch::channel(Mode::Pass);
         let links = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
+        let upstream_ports = Arc::new(Mutex::new(Vec::new()));
         let proxy = Self {
             addr,
             mode,
             links: links.clone(),
+            upstream_ports: upstream_ports.clone(),
             stop: stop.clone(),
         };
         let mode_rx = proxy.mode.subscribe();
@@ -58,7 +62,13 @@ impl FaultProxy {
                     continue;
                 }
                 let link = links.lock().expect("lock").clone();
-                tokio::spawn(relay(client, upstream, mode_rx.clone(), link));
+                tokio::spawn(relay(
+                    client,
+                    upstream,
+                    mode_rx.clone(),
+                    link,
+                    upstream_ports.clone(),
+                ));
             }
         });
         proxy
@@ -72,6 +82,11 @@ impl FaultProxy {
             format!("?{query}")
         };
         format!("amqp://guest:guest@{}/%2f{q}", self.addr)
+    }
+
+    /// Local ports of every connection the proxy opened to the broker.
+    pub fn upstream_ports(&self) -> Vec<u16> {
+        self.upstream_ports.lock().expect("lock").clone()
     }
 
     /// Closes every open connection (the gateway sees its connection drop).
@@ -115,10 +130,14 @@ async fn relay(
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
     link: CancellationToken,
+    ports: Arc<Mutex<Vec<u16>>>,
 ) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    if let Ok(local) = server.local_addr() {
+        ports.lock().expect("lock").push(local.port());
+    }
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
     tokio::select! {

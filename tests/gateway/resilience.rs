@@ -79,7 +79,7 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
     client.expect("ping").await;
     let outage_started = std::time::Instant::now();
     proxy.restore();
-    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
     let recovered_in = outage_started.elapsed();
     publish_range(&broker, &ex, 20..30).await;
 
@@ -156,7 +156,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
     );
     proxy.cut();
     proxy.restore();
-    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
 
     // Assert: the redeliveries are recognised and skipped; new messages flow.
     let running = gw.running.as_ref().expect("running");
@@ -206,7 +206,7 @@ async fn clients_connecting_during_an_outage_wait_then_get_an_error() {
     );
 
     proxy.restore();
-    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
     let mut after = gw.connect(&[(&ex, "#")]).await;
     after.expect("ready").await;
     gw.shutdown().await;
@@ -229,7 +229,7 @@ async fn a_stalled_link_is_noticed_by_heartbeats_and_recovered() {
     let noticed_in = stalled_at.elapsed();
     proxy.cut();
     proxy.restore();
-    wait_broker(&gw, true, Duration::from_secs(10)).await;
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
     // The binding is back once a new client is ready on it (ready needs bind-ok).
     let mut probe = gw.connect(&[(&ex, "#")]).await;
     probe.expect("ready").await;
@@ -273,6 +273,90 @@ async fn a_queue_deleted_by_an_operator_is_recreated_and_its_clients_are_told() 
     broker.publish(&ex, "k", &[], b"{\"after\":true}").await;
     raw.read_until(b"{\"after\":true}", Duration::from_secs(5))
         .await;
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
+
+async fn rabbitmqctl_ok(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_refused_fails_only_the_clients_that_asked() {
+    let broker = Broker::connect().await;
+    let allowed = broker.exchange("allowed").await;
+    let denied = broker.exchange("denied").await;
+    // A broker user that may read (bind from) only exchanges whose names end in /allowed.
+    let user = format!("eg-limited-{}", unique());
+    rabbitmqctl_ok(&["add_user", &user, "secret-pw"]).await;
+    let own = format!("^queue/{user}/.*$");
+    let read = format!("^(queue/{user}/.*|exchange/test/.*/allowed)$");
+    rabbitmqctl_ok(&["set_permissions", "-p", "/", &user, &own, &own, &read]).await;
+
+    let url = format!("--amqp-url=amqp://{user}:secret-pw@127.0.0.1:5672/%2f");
+    let prefix = format!("--queue-prefix=queue/{user}/gw");
+    let gw = TestGateway::start(&[&url, &prefix]).await;
+    let mut ok = gw.connect(&[(&allowed, "#")]).await;
+    ok.expect("ready").await;
+    let mut refused = gw.connect(&[(&allowed, "#"), (&denied, "#")]).await;
+    assert_eq!(
+        refused.expect("error").await,
+        format!("\"Access to exchange `{denied}` was refused by the broker\"")
+    );
+    refused.expect_end().await;
+
+    broker.publish(&allowed, "k", &[], b"{\"n\":1}").await;
+    assert_eq!(message_json(&ok.expect("message").await)["payload"]["n"], 1);
+    gw.shutdown().await;
+    rabbitmqctl_ok(&["delete_user", &user]).await;
+    broker.delete_exchange(&allowed).await;
+    broker.delete_exchange(&denied).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("closed").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url]).await;
+    let mut client = gw.connect(&[(&ex, "#")]).await;
+    client.expect("ready").await;
+
+    // The broker closes the gateway's connection (as an operator's close_connection does).
+    // The table output spells the pid as close_connection wants it.
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "pid", "peer_port", "-q"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ports = proxy.upstream_ports();
+    let pid = listing
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .find(|(_, port)| port.trim().parse().is_ok_and(|p: u16| ports.contains(&p)))
+        .map(|(pid, _)| pid.trim().to_owned())
+        .unwrap_or_else(|| panic!("the gateway's connection in {listing:?} (ports {ports:?})"));
+    rabbitmqctl_ok(&["close_connection", &pid, "closed by a test"]).await;
+    wait_broker(&gw, false, Duration::from_secs(5)).await;
+    publish_range(&broker, &ex, 0..10).await;
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
+    let seen = collect(&mut client, 10, Duration::from_secs(10)).await;
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    assert!(seen.values().all(|c| *c == 1));
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
 }

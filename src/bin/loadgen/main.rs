@@ -132,6 +132,9 @@ async fn run(
         let after = gateway.sample()?;
         report.traffic(&published, &clients, &before, &after);
     }
+    // Every client leaves: memory should return near the baseline.
     clients.close();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    report.after_leave(&gateway.sample()?);
     Ok(report)
 }

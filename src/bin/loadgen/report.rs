@@ -114,6 +114,10 @@ impl Report {
         self.set("rss_loaded_mib", json!(mib(after.rss_bytes)));
     }
 
+    pub fn after_leave(&mut self, sample: &Sample) {
+        self.set("rss_after_leave_mib", json!(mib(sample.rss_bytes)));
+    }
+
     pub fn print(mut self, args: &Args) {
         if let Some((q, b, c)) = self.broker {
             self.set("broker_queues", json!(q));
