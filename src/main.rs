@@ -2,10 +2,16 @@
 
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use events_gateway::Config;
 
 #[tokio::main]
 async fn main() {
+    // Return freed memory to the OS in the background (after ~10 s of disuse), so RSS
+    // falls again when thousands of clients leave.
+    let _ = tikv_jemalloc_ctl::background_thread::write(true);
     let config = match Config::parse_with_env(std::env::args_os(), |k| std::env::var(k).ok()) {
         Ok(config) => config,
         Err(err) => {

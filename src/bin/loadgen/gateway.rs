@@ -82,6 +82,22 @@ impl Gateway {
         Ok(buf.starts_with(b"HTTP/1.0 200") || buf.starts_with(b"HTTP/1.1 200"))
     }
 
+    /// The value of one series of the gateway's /metrics.
+    pub async fn metric(&self, series: &str) -> anyhow::Result<f64> {
+        let mut s = tokio::net::TcpStream::connect(self.addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf);
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse().ok())?
+            })
+            .context("no such series")
+    }
+
     /// CPU time (user + system, all threads) and resident memory, from /proc.
     pub fn sample(&self) -> anyhow::Result<Sample> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;

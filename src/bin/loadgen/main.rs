@@ -134,7 +134,11 @@ async fn run(
     }
     // Every client leaves: memory should return near the baseline.
     clients.close();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    report.after_leave(&gateway.sample()?);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    report.after_leave(
+        &gateway.sample()?,
+        gateway.metric("events_gateway_connections_open").await.ok(),
+        gateway.metric("events_gateway_subscriptions").await.ok(),
+    );
     Ok(report)
 }

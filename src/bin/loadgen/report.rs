@@ -114,8 +114,10 @@ impl Report {
         self.set("rss_loaded_mib", json!(mib(after.rss_bytes)));
     }
 
-    pub fn after_leave(&mut self, sample: &Sample) {
+    pub fn after_leave(&mut self, sample: &Sample, open: Option<f64>, subscriptions: Option<f64>) {
         self.set("rss_after_leave_mib", json!(mib(sample.rss_bytes)));
+        self.set("connections_open_after_leave", json!(open));
+        self.set("subscriptions_after_leave", json!(subscriptions));
     }
 
     pub fn print(mut self, args: &Args) {
