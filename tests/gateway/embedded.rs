@@ -95,13 +95,11 @@ async fn the_demo_publishes_treeherder_style_task_events() {
                 .starts_with("primary.")
         );
     }
-    let hb = gw
-        .http
-        .get(gw.url("/__heartbeat__"))
-        .send()
-        .await
-        .expect("hb");
-    assert_eq!(hb.status(), 200, "the embedded broker is always connected");
+    assert_eq!(
+        gw.status_of("/__heartbeat__").await,
+        200,
+        "the embedded broker is always connected"
+    );
     gw.shutdown().await;
 }
 
@@ -240,10 +238,7 @@ async fn hostile_bindings_get_clear_answers_and_others_are_still_served() {
 #[tokio::test]
 async fn frames_after_a_write_wait_for_the_coalescing_window_and_leave_together() {
     let gw = TestGateway::start_embedded(&["--write-coalesce=400ms"]).await;
-    let query = bindings_query(&[("exchange/a", "#")]);
-    let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
-    raw.read_until(b"event: ready", Duration::from_secs(5))
-        .await;
+    let mut raw = gw.raw_connect(&[("exchange/a", "#")]).await;
     let gw_ref = &gw;
     let publish = |n: u32| {
         let body =

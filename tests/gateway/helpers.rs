@@ -117,6 +117,27 @@ impl TestGateway {
         SseClient::from_response(resp)
     }
 
+    /// Opens an SSE stream over a raw HTTP/1.0 socket and reads until `ready`.
+    pub async fn raw_connect(&self, bindings: &[(&str, &str)]) -> RawClient {
+        let query = bindings_query(bindings);
+        let mut raw =
+            RawClient::get(self.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
+        raw.read_until(b"event: ready\ndata: {}\nid: -\n\n", Duration::from_secs(5))
+            .await;
+        raw
+    }
+
+    /// The HTTP status of `GET path`.
+    pub async fn status_of(&self, path: &str) -> u16 {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+            .status()
+            .as_u16()
+    }
+
     /// The value of one metric series in /metrics (0 if absent).
     pub async fn metric(&self, series: &str) -> f64 {
         let text = self
@@ -442,9 +463,15 @@ pub async fn broker_objects(queue_prefix: &str) -> BrokerObjects {
 }
 
 async fn rabbitmqctl(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = args.to_vec();
+    all.extend(["-q", "--formatter", "json"]);
+    serde_json::from_str(&rabbitmqctl_output(&all).await).expect("rabbitmqctl prints JSON")
+}
+
+/// Runs rabbitmqctl (it comes with rabbitmq-server), asserts success, returns stdout.
+pub async fn rabbitmqctl_output(args: &[&str]) -> String {
     let out = tokio::process::Command::new("rabbitmqctl")
         .args(args)
-        .args(["-q", "--formatter", "json"])
         .output()
         .await
         .expect("rabbitmqctl runs (it comes with rabbitmq-server)");
@@ -453,7 +480,7 @@ async fn rabbitmqctl(args: &[&str]) -> Vec<serde_json::Value> {
         "rabbitmqctl {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("rabbitmqctl prints JSON")
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Polls `check` until it holds, or panics after `within`.

@@ -385,14 +385,29 @@ async fn draining_ends_streams_with_a_reconnect_frame_and_deletes_queues() {
     let ex = broker.exchange("drain").await;
     let gw = TestGateway::start(&[]).await;
     let query = bindings_query(&[(&ex, "#")]);
-    let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
-    raw.read_until(b"event: ready", Duration::from_secs(5))
-        .await;
+    let mut raw = gw.raw_connect(&[(&ex, "#")]).await;
     let prefix = gw.queue_prefix.clone();
     assert_eq!(broker_objects(&prefix).await.queues.len(), 1);
 
     let started = std::time::Instant::now();
-    gw.shutdown().await;
+    let http = gw.http.clone();
+    let heartbeat = gw.url("/__heartbeat__");
+    let connect = gw.url(&format!("/api/events/v1/connect/?{query}"));
+    let drain = tokio::spawn(gw.shutdown());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let hb = http.get(&heartbeat).send().await.expect("still answering");
+    assert_eq!(hb.status(), 503, "health fails at once");
+    assert!(hb.text().await.expect("body").contains("\"draining\":true"));
+    // A new connect is sent elsewhere: 200 and only the reconnect frame (a 503 would make
+    // EventSource give up for good).
+    let refused = http.get(&connect).send().await.expect("still answering");
+    assert_eq!(refused.status(), 200);
+    let text = refused.text().await.expect("body");
+    assert!(
+        text.starts_with("retry: ") && text.ends_with("\nid:\n\n"),
+        "{text:?}"
+    );
+    drain.await.expect("drained");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "drain is bounded by the grace period"

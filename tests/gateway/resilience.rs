@@ -66,13 +66,11 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
     // Act: the broker link goes down; messages keep being published meanwhile.
     proxy.down();
     wait_broker(&gw, false, Duration::from_secs(5)).await;
-    let hb = gw
-        .http
-        .get(gw.url("/__heartbeat__"))
-        .send()
-        .await
-        .expect("hb");
-    assert_eq!(hb.status(), 503, "the outage shows in health");
+    assert_eq!(
+        gw.status_of("/__heartbeat__").await,
+        503,
+        "the outage shows in health"
+    );
     assert_eq!(gw.metric("events_gateway_broker_connected").await, 0.0);
     publish_range(&broker, &ex, 10..20).await;
     // The client stays connected: pings go on.
@@ -139,7 +137,9 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("acks").await;
     let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    // A short heartbeat: should the broker not see the old connection close, it still
+    // drops it (and requeues its deliveries) within a few seconds.
+    let url = format!("--amqp-url={}", proxy.amqp_url("heartbeat=2"));
     let gw = TestGateway::start(&[&url]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
@@ -161,14 +161,40 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
     // Assert: the redeliveries are recognised and skipped; new messages flow.
     let running = gw.running.as_ref().expect("running");
     let metrics = running.metrics().clone();
-    eventually(Duration::from_secs(10), || {
+    let duplicates = || {
         metrics
             .messages_dropped
             .with_label_values(&["duplicate"])
             .get()
-            == 50
-    })
-    .await;
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while duplicates() < 50 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if duplicates() != 50 {
+        let queues = rabbitmqctl_output(&[
+            "list_queues",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+            "-q",
+        ])
+        .await;
+        let conns = rabbitmqctl_output(&["list_connections", "peer_port", "state", "-q"]).await;
+        eprintln!(
+            "queues:\n{queues}\nconnections:\n{conns}\nproxy ports: {:?}",
+            proxy.upstream_ports()
+        );
+    }
+    assert_eq!(
+        duplicates(),
+        50,
+        "every redelivery was recognised (connected: {}, reconnects: {}, received: {})",
+        metrics.broker_connected.get(),
+        metrics.broker_reconnects.get(),
+        metrics.messages_received.get(),
+    );
     publish_range(&broker, &ex, 50..55).await;
     let seen = collect(&mut client, 5, Duration::from_secs(10)).await;
     assert_eq!(
@@ -248,10 +274,7 @@ async fn a_queue_deleted_by_an_operator_is_recreated_and_its_clients_are_told() 
     let broker = Broker::connect().await;
     let ex = broker.exchange("deleted").await;
     let gw = TestGateway::start(&[]).await;
-    let query = bindings_query(&[(&ex, "#")]);
-    let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
-    raw.read_until(b"event: ready", Duration::from_secs(5))
-        .await;
+    let mut raw = gw.raw_connect(&[(&ex, "#")]).await;
     let objects = broker_objects(&gw.queue_prefix).await;
     assert_eq!(objects.queues.len(), 1);
 
@@ -277,19 +300,6 @@ async fn a_queue_deleted_by_an_operator_is_recreated_and_its_clients_are_told() 
     broker.delete_exchange(&ex).await;
 }
 
-async fn rabbitmqctl_ok(args: &[&str]) {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_refused_fails_only_the_clients_that_asked() {
     let broker = Broker::connect().await;
@@ -297,10 +307,10 @@ async fn access_refused_fails_only_the_clients_that_asked() {
     let denied = broker.exchange("denied").await;
     // A broker user that may read (bind from) only exchanges whose names end in /allowed.
     let user = format!("eg-limited-{}", unique());
-    rabbitmqctl_ok(&["add_user", &user, "secret-pw"]).await;
+    rabbitmqctl_output(&["add_user", &user, "secret-pw"]).await;
     let own = format!("^queue/{user}/.*$");
     let read = format!("^(queue/{user}/.*|exchange/test/.*/allowed)$");
-    rabbitmqctl_ok(&["set_permissions", "-p", "/", &user, &own, &own, &read]).await;
+    rabbitmqctl_output(&["set_permissions", "-p", "/", &user, &own, &own, &read]).await;
 
     let url = format!("--amqp-url=amqp://{user}:secret-pw@127.0.0.1:5672/%2f");
     let prefix = format!("--queue-prefix=queue/{user}/gw");
@@ -317,7 +327,7 @@ async fn access_refused_fails_only_the_clients_that_asked() {
     broker.publish(&allowed, "k", &[], b"{\"n\":1}").await;
     assert_eq!(message_json(&ok.expect("message").await)["payload"]["n"], 1);
     gw.shutdown().await;
-    rabbitmqctl_ok(&["delete_user", &user]).await;
+    rabbitmqctl_output(&["delete_user", &user]).await;
     broker.delete_exchange(&allowed).await;
     broker.delete_exchange(&denied).await;
 }
@@ -334,12 +344,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
 
     // The broker closes the gateway's connection (as an operator's close_connection does).
     // The table output spells the pid as close_connection wants it.
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "peer_port", "-q"])
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let listing = rabbitmqctl_output(&["list_connections", "pid", "peer_port", "-q"]).await;
     let ports = proxy.upstream_ports();
     let pid = listing
         .lines()
@@ -347,7 +352,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
         .find(|(_, port)| port.trim().parse().is_ok_and(|p: u16| ports.contains(&p)))
         .map(|(pid, _)| pid.trim().to_owned())
         .unwrap_or_else(|| panic!("the gateway's connection in {listing:?} (ports {ports:?})"));
-    rabbitmqctl_ok(&["close_connection", &pid, "closed by a test"]).await;
+    rabbitmqctl_output(&["close_connection", &pid, "closed by a test"]).await;
     wait_broker(&gw, false, Duration::from_secs(5)).await;
     publish_range(&broker, &ex, 0..10).await;
     wait_broker(&gw, true, Duration::from_secs(30)).await;

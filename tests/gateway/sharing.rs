@@ -235,12 +235,8 @@ async fn a_slow_client_loses_its_oldest_frames_and_slows_nobody() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("slow").await;
     let gw = TestGateway::start(&["--subscription-buffer=64"]).await;
-    let query = bindings_query(&[(&ex, "#")]);
-    // The stuck client: a raw socket that reads the head, then stops reading.
-    let mut stuck = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
-    stuck
-        .read_until(b"event: ready", Duration::from_secs(5))
-        .await;
+    // The stuck client: a raw socket that reads up to `ready`, then stops reading.
+    let mut stuck = gw.raw_connect(&[(&ex, "#")]).await;
     let mut fast = gw.connect(&[(&ex, "#")]).await;
     fast.expect("ready").await;
 
