@@ -10,7 +10,8 @@
 //                    the page served by the gateway itself. Set (e.g. a static server serving
 //                    web/): the test opens PAGE_URL with `?gateway=http://127.0.0.1:<port>`
 //                    added, so the page talks to the gateway under test.
-//   SCREENSHOT_PATH  where the screenshot goes (default: ../../docs/screenshot.png)
+//   SCREENSHOT_PATH  where the screenshot goes (default: ../../target/screenshot.png; set it to
+//                    "$PWD/docs/screenshot.png" from the repository root to refresh the README's picture)
 
 import { test, before, after, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
@@ -27,7 +28,7 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const GATEWAY_BIN = path.resolve(HERE, process.env.GATEWAY_BIN || '../../target/debug/events-gateway');
 const CHROMIUM_BIN = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const PAGE_URL = process.env.PAGE_URL || '';
-const SCREENSHOT_PATH = path.resolve(HERE, process.env.SCREENSHOT_PATH || '../../docs/screenshot.png');
+const SCREENSHOT_PATH = path.resolve(HERE, process.env.SCREENSHOT_PATH || '../../target/screenshot.png');
 
 const CONNECT_PATH = '/api/events/v1/connect/';
 const EXCHANGE = kind => `exchange/taskcluster-queue/v1/${kind}`;
