@@ -218,18 +218,19 @@ impl Config {
     {
         use clap::{CommandFactory, FromArgMatches};
         let command = Args::command().mut_args(|arg| {
-            let value = arg
-                .get_env()
-                .and_then(|name| name.to_str())
-                .and_then(&env)
-                .filter(|v| !v.is_empty());
-            let arg = match value {
+            let Some(name) = arg.get_env().and_then(|n| n.to_str()).map(str::to_owned) else {
+                return arg;
+            };
+            // clap would read the process environment itself: take the variable out, and
+            // keep its name in --help.
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let arg = arg.env(None).help(format!("{help} [env: {name}]"));
+            match env(&name).filter(|v| !v.is_empty()) {
                 // A value from the environment becomes the default, hidden from --help
                 // (it may be a password).
                 Some(v) => arg.default_value(v).hide_default_value(true),
                 None => arg,
-            };
-            arg.env(None)
+            }
         });
         let matches = command.try_get_matches_from(args)?;
         let args = Args::from_arg_matches(&matches)?;
