@@ -249,7 +249,8 @@ fn connect(
         slot,
         span,
         &state.stream,
-        state.draining.clone(),
+        // A child token: each stream polls its own, not one lock shared by every client.
+        state.draining.child_token(),
         state.metrics.clone(),
     );
     event_stream(body)

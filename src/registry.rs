@@ -78,7 +78,10 @@ impl Registry {
             Entry::Occupied(e) => {
                 let sub = e.get().clone();
                 sub.clients.fetch_add(1, Ordering::Relaxed);
-                (sub, Vec::new())
+                drop(e);
+                // A refused binding is asked for again by this new client.
+                let changed = self.topology.retry_refused(&sub);
+                (sub, changed)
             }
             Entry::Vacant(v) => {
                 let (sender, _) = broadcast::channel(self.buffer);

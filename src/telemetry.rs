@@ -23,7 +23,17 @@ use tracing_subscriber::registry::LookupSpan;
 
 /// Installs the global subscriber. `filter` uses tracing's EnvFilter syntax.
 pub fn init(filter: &str, json: bool) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let wants_trace = filter.contains("trace");
+    let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // lapin logs every channel the broker closes at error level, and any client can cause
+    // one (a binding on a missing exchange); the gateway reports those itself.
+    filter = filter.add_directive("lapin::channel=off".parse().expect("valid directive"));
+    if wants_trace {
+        // lapin's trace output can show handshake frames, credentials included.
+        for capped in ["lapin=debug", "amq_protocol=debug"] {
+            filter = filter.add_directive(capped.parse().expect("valid directive"));
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     if json {
         builder

@@ -181,6 +181,48 @@ impl Topology {
         self.read().keys().cloned().collect()
     }
 
+    /// Marks a binding Bound if it is Pending (the broker already has it).
+    pub fn confirm_if_pending(&self, exchange: &str, pattern: &str) {
+        let map = self.read();
+        if let Some(entry) = map.get(exchange).and_then(|ex| ex.bindings.get(pattern)) {
+            entry.status.send_if_modified(|s| {
+                let pending = *s == BindState::Pending;
+                if pending {
+                    *s = BindState::Bound;
+                }
+                pending
+            });
+        }
+    }
+
+    /// Puts the refused bindings of `sub` back to Pending, for a new client of the same
+    /// binding set: the exchange may exist (or be allowed) by now. Returns the exchanges
+    /// to reconcile.
+    pub(crate) fn retry_refused(&self, sub: &Subscription) -> Vec<String> {
+        let map = self.read();
+        let mut changed = Vec::new();
+        for b in sub.bindings().iter() {
+            let Some(entry) = map
+                .get(&b.exchange)
+                .and_then(|ex| ex.bindings.get(&b.pattern))
+            else {
+                continue;
+            };
+            let reset = entry.status.send_if_modified(|s| {
+                let failed = matches!(s, BindState::Failed(_));
+                if failed {
+                    *s = BindState::Pending;
+                }
+                failed
+            });
+            if reset {
+                changed.push(b.exchange.clone());
+            }
+        }
+        changed.dedup();
+        changed
+    }
+
     /// Records the broker's answer for one binding.
     pub fn set_state(&self, exchange: &str, pattern: &str, state: BindState) {
         let map = self.read();

@@ -455,8 +455,8 @@ impl Reconciler {
             .into_iter()
             .collect();
         if wanted.is_empty() {
-            if self.queue_may_exist {
-                self.delete_queue(live).await;
+            if self.queue_may_exist && !self.delete_queue(live).await {
+                return Step::Retry("could not delete the queue".into());
             }
             return Step::Done;
         }
@@ -471,6 +471,13 @@ impl Reconciler {
                 Err(step) => return step,
             }
         }
+        // A binding released and asked for again while we were busy is a new entry in the
+        // topology, still Pending, though it never left the broker: confirm it.
+        for pattern in wanted.intersection(&self.bound) {
+            self.broker
+                .topology
+                .confirm_if_pending(&self.exchange, pattern);
+        }
         let to_bind: Vec<String> = wanted.difference(&self.bound).cloned().collect();
         let binds = to_bind.iter().map(|pattern| {
             timed(ops.queue_bind(
@@ -483,6 +490,10 @@ impl Reconciler {
         });
         let results = join_all(binds).await;
         let mut retry = None;
+        // The broker closes the channel on a refusal, and lapin fails every reply pending
+        // on it with the same error: only the first refusal of a batch is known to be
+        // about its own pattern; the others are retried on a new channel.
+        let mut refused_one = false;
         for (pattern, result) in to_bind.into_iter().zip(results) {
             match result {
                 Ok(()) => {
@@ -492,8 +503,9 @@ impl Reconciler {
                         .set_state(&self.exchange, &pattern, BindState::Bound);
                     self.bound.insert(pattern);
                 }
-                Err(err) => match refusal(&err, &self.exchange) {
+                Err(err) => match refusal(&err, &self.exchange).filter(|_| !refused_one) {
                     Some(refused) => {
+                        refused_one = true;
                         self.ops = None;
                         self.broker.topology.set_state(
                             &self.exchange,
@@ -627,6 +639,7 @@ impl Reconciler {
             Err(err) if is_not_found(&err) => {
                 tracing::warn!(queue = %self.queue, exchange = %self.exchange, "broker queue was lost; re-creating it, messages published meanwhile are missed");
                 self.queue_may_exist = false;
+                self.bound.clear();
                 self.stale.clear();
                 self.consumer_end.recent().clear();
                 self.broker.topology.notice(
@@ -684,15 +697,17 @@ impl Reconciler {
     }
 
     /// Stops consuming and deletes the queue (its bindings go with it). If that fails the
-    /// queue still disappears by itself once unused for `x-expires`.
-    async fn delete_queue(&mut self, live: &Live) {
+    /// queue still disappears by itself once unused for `x-expires`; what was bound is
+    /// then only possibly there. Returns whether the queue is gone.
+    async fn delete_queue(&mut self, live: &Live) -> bool {
         if let Some((channel, task)) = self.consumer.take() {
             task.abort();
             let _ = timed(channel.close(200, "no longer needed".into())).await;
         }
         self.declared = false;
         let Ok(ops) = self.ops_channel(live).await else {
-            return;
+            self.stale.extend(self.bound.drain());
+            return false;
         };
         let deleted =
             timed(ops.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()))
@@ -702,10 +717,13 @@ impl Reconciler {
                 self.queue_may_exist = false;
                 self.bound.clear();
                 self.stale.clear();
+                true
             }
             Err(err) => {
                 tracing::debug!(queue = %self.queue, error = %err, "could not delete queue");
                 self.ops = None;
+                self.stale.extend(self.bound.drain());
+                false
             }
         }
     }

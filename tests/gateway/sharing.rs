@@ -277,3 +277,39 @@ async fn a_slow_client_loses_its_oldest_frames_and_slows_nobody() {
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_left_and_asked_for_again_while_the_broker_is_busy_gets_ready() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("again").await;
+    let gw = TestGateway::start(&["--ready-timeout=5s"]).await;
+    gw.wait_connected().await;
+    // Keep the exchange's reconciler busy with other bindings coming and going.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let churn = {
+        let (stop, ex, url) = (stop.clone(), ex.clone(), gw.url(""));
+        let http = gw.http.clone();
+        tokio::spawn(async move {
+            let mut i = 0u32;
+            while !stop.is_cancelled() {
+                i += 1;
+                let query = bindings_query(&[(&ex, &format!("churn.{i}.#"))]);
+                let _ = http
+                    .get(format!("{url}/api/events/v1/connect/?{query}"))
+                    .send()
+                    .await;
+            }
+        })
+    };
+    for _ in 0..30 {
+        let mut first = gw.connect(&[(&ex, "same.#")]).await;
+        first.expect("ready").await;
+        drop(first);
+        let mut again = gw.connect(&[(&ex, "same.#")]).await;
+        again.expect("ready").await;
+    }
+    stop.cancel();
+    churn.await.expect("churn");
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
