@@ -192,6 +192,8 @@ pub enum ConfigError {
     QueuePrefix(usize),
     #[error("DEMO_RATE must be between 0.01 and 10000 messages per second")]
     DemoRate,
+    #[error("{0} must be at most {1}")]
+    TooLong(&'static str, &'static str),
 }
 
 impl Config {
@@ -287,6 +289,30 @@ impl Config {
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        for (name, value, max, max_text) in [
+            ("PING_INTERVAL", args.ping_interval, DAY, "24h"),
+            ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
+            ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
+            ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
+            (
+                "WRITE_COALESCE",
+                args.write_coalesce,
+                Duration::from_secs(10),
+                "10s",
+            ),
+            // x-expires is a 32-bit count of milliseconds.
+            (
+                "QUEUE_EXPIRES",
+                args.queue_expires,
+                Duration::from_secs(30 * 24 * 3600),
+                "30 days",
+            ),
+        ] {
+            if value > max {
+                return Err(ConfigError::TooLong(name, max_text));
             }
         }
         let allowed_exchange_prefixes = args
@@ -436,5 +462,7 @@ mod tests {
         assert_eq!(err.to_string(), ConfigError::PulseCredentials.to_string());
         let err = parse(&["--max-bindings", "0"]).expect_err("zero");
         assert_eq!(err.to_string(), "MAX_BINDINGS must be greater than zero");
+        let err = parse(&["--ping-interval", "1000years"]).expect_err("too long");
+        assert_eq!(err.to_string(), "PING_INTERVAL must be at most 24h");
     }
 }
