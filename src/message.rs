@@ -17,6 +17,8 @@ use bytes::Bytes;
 pub struct Frame {
     pub bytes: Bytes,
     pub received: Instant,
+    /// The last frame of the stream (an `error` that ends it).
+    pub end: bool,
 }
 
 /// The `ready` frame (data `{}`), the same for everyone.

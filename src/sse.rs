@@ -236,6 +236,9 @@ impl ClientStream {
     /// Hands `frame` to hyper: records the write time and the fan-out latency.
     fn written(&mut self, frame: Frame, now: Instant) -> Bytes {
         self.last_write = Some(now);
+        if frame.end {
+            self.phase = Phase::Done;
+        }
         self.metrics
             .fanout_latency
             .observe(frame.received.elapsed().as_secs_f64());

@@ -270,7 +270,11 @@ impl Topology {
             return 0;
         }
         let frame = match msg.encode() {
-            Ok(bytes) => Frame { bytes, received },
+            Ok(bytes) => Frame {
+                bytes,
+                received,
+                end: false,
+            },
             Err(err) => {
                 self.metrics.dropped("malformed", 1);
                 log_malformed(exchange, msg.routing_key, &err);
@@ -289,6 +293,16 @@ impl Topology {
 impl Topology {
     /// Sends `comment` (an SSE comment frame) to every subscription bound on `exchange`.
     pub fn notice(&self, exchange: &str, comment: Bytes) {
+        self.broadcast_to_exchange(exchange, comment, false);
+    }
+
+    /// Ends the streams of every subscription bound on `exchange` with an `error` event
+    /// (`text`): for clients already streaming when the broker refuses the exchange.
+    pub fn fail_streams(&self, exchange: &str, text: &str) {
+        self.broadcast_to_exchange(exchange, crate::message::error_frame(text), true);
+    }
+
+    fn broadcast_to_exchange(&self, exchange: &str, bytes: Bytes, end: bool) {
         let mut targets: Vec<Arc<Subscription>> = Vec::new();
         {
             let map = self.read();
@@ -301,8 +315,9 @@ impl Topology {
             }
         }
         let frame = Frame {
-            bytes: comment,
+            bytes,
             received: Instant::now(),
+            end,
         };
         for sub in targets {
             sub.send(frame.clone());

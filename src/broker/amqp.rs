@@ -660,6 +660,11 @@ impl Reconciler {
             Some(refused) => {
                 self.ops = None;
                 tracing::info!(exchange = %self.exchange, error = %refused, "bindings refused");
+                // Clients still waiting learn it from their `ready` watch; clients already
+                // streaming (the exchange vanished during an outage) get the error too.
+                self.broker
+                    .topology
+                    .fail_streams(&self.exchange, &refused.to_string());
                 self.broker
                     .topology
                     .set_all(&self.exchange, BindState::Failed(refused));

@@ -365,3 +365,35 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_an_exchange_deleted_during_an_outage_end_with_an_error() {
+    let broker = Broker::connect().await;
+    let doomed = broker.exchange("doomed").await;
+    let kept = broker.exchange("kept").await;
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(""));
+    let gw = TestGateway::start(&[&url]).await;
+    let mut streaming = gw.connect(&[(&doomed, "#")]).await;
+    streaming.expect("ready").await;
+    let mut other = gw.connect(&[(&kept, "#")]).await;
+    other.expect("ready").await;
+
+    proxy.down();
+    wait_broker(&gw, false, Duration::from_secs(5)).await;
+    broker.delete_exchange(&doomed).await;
+    proxy.restore();
+
+    assert_eq!(
+        streaming.expect("error").await,
+        format!("\"Exchange `{doomed}` does not exist\"")
+    );
+    streaming.expect_end().await;
+    broker.publish(&kept, "k", &[], b"{\"n\":1}").await;
+    assert_eq!(
+        message_json(&other.expect("message").await)["payload"]["n"],
+        1
+    );
+    gw.shutdown().await;
+    broker.delete_exchange(&kept).await;
+}
