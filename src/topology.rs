@@ -254,17 +254,16 @@ impl Topology {
         {
             let map = self.read();
             if let Some(ex) = map.get(exchange) {
-                let mut add = |s: &SubRef| {
-                    if !targets.iter().any(|t| Arc::ptr_eq(t, &s.0)) {
-                        targets.push(s.0.clone());
-                    }
-                };
+                let mut add = |s: &SubRef| targets.push(s.0.clone());
                 ex.trie.matches(msg.routing_key, &mut add);
                 for cc in &msg.cc {
                     ex.trie.matches(cc, &mut add);
                 }
             }
         }
+        // A subscription matched by several of its patterns, or by the key and a CC
+        // entry, gets the message once.
+        dedup_by_identity(&mut targets);
         if targets.is_empty() {
             self.metrics.dropped("unroutable", 1);
             return 0;
@@ -307,13 +306,11 @@ impl Topology {
         {
             let map = self.read();
             if let Some(ex) = map.get(exchange) {
-                ex.trie.for_each(&mut |s: &SubRef| {
-                    if !targets.iter().any(|t| Arc::ptr_eq(t, &s.0)) {
-                        targets.push(s.0.clone());
-                    }
-                });
+                ex.trie
+                    .for_each(&mut |s: &SubRef| targets.push(s.0.clone()));
             }
         }
+        dedup_by_identity(&mut targets);
         let frame = Frame {
             bytes,
             received: Instant::now(),
@@ -327,6 +324,15 @@ impl Topology {
     /// Counts a redelivery skipped because its clients already had the message.
     pub fn count_duplicate(&self) {
         self.metrics.dropped("duplicate", 1);
+    }
+}
+
+/// Removes repeated subscriptions (by identity) in O(n log n): many subscriptions can
+/// match one message (every client set that includes `#`).
+fn dedup_by_identity(targets: &mut Vec<Arc<Subscription>>) {
+    if targets.len() > 1 {
+        targets.sort_unstable_by_key(|t| Arc::as_ptr(t) as usize);
+        targets.dedup_by(|a, b| Arc::ptr_eq(a, b));
     }
 }
 
