@@ -138,18 +138,23 @@ impl TestGateway {
             .as_u16()
     }
 
-    /// The value of one metric series in /metrics (0 if absent).
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
+    /// The body of `GET path`.
+    pub async fn text(&self, path: &str) -> String {
+        self.http
+            .get(self.url(path))
             .send()
             .await
-            .expect("metrics")
+            .expect("request")
             .text()
             .await
-            .expect("metrics body");
-        text.lines()
+            .expect("body")
+    }
+
+    /// The value of one metric series in /metrics (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.text("/metrics")
+            .await
+            .lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;

@@ -15,6 +15,17 @@ fn rabbitmq_addr() -> SocketAddr {
     "127.0.0.1:5672".parse().expect("addr")
 }
 
+/// A gateway whose broker link goes through a fault proxy (`query`: AMQP URL parameters
+/// such as `heartbeat=2`, may be empty).
+async fn start_proxied(query: &str, extra: &[&str]) -> (FaultProxy, TestGateway) {
+    let proxy = FaultProxy::start(rabbitmq_addr()).await;
+    let url = format!("--amqp-url={}", proxy.amqp_url(query));
+    let mut args = vec![url.as_str()];
+    args.extend_from_slice(extra);
+    let gw = TestGateway::start(&args).await;
+    (proxy, gw)
+}
+
 /// Reads `message` events (skipping pings) until `count` have arrived; returns how many
 /// times each payload `n` was seen.
 async fn collect(client: &mut SseClient, count: usize, within: Duration) -> BTreeMap<u64, usize> {
@@ -52,9 +63,7 @@ async fn wait_broker(gw: &TestGateway, connected: bool, within: Duration) {
 async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("outage").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
-    let gw = TestGateway::start(&[&url, "--ping-interval=300ms"]).await;
+    let (proxy, gw) = start_proxied("", &["--ping-interval=300ms"]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
     publish_range(&broker, &ex, 0..10).await;
@@ -98,9 +107,7 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
 async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("burst").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
-    let gw = TestGateway::start(&[&url, "--subscription-buffer=8192"]).await;
+    let (proxy, gw) = start_proxied("", &["--subscription-buffer=8192"]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
@@ -136,11 +143,9 @@ async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
 async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("acks").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
     // A short heartbeat: should the broker not see the old connection close, it still
     // drops it (and requeues its deliveries) within a few seconds.
-    let url = format!("--amqp-url={}", proxy.amqp_url("heartbeat=2"));
-    let gw = TestGateway::start(&[&url]).await;
+    let (proxy, gw) = start_proxied("heartbeat=2", &[]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
@@ -210,9 +215,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
 async fn clients_connecting_during_an_outage_wait_then_get_an_error() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("waiting").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
-    let gw = TestGateway::start(&[&url, "--ready-timeout=1500ms"]).await;
+    let (proxy, gw) = start_proxied("", &["--ready-timeout=1500ms"]).await;
     gw.wait_connected().await;
     proxy.down();
     wait_broker(&gw, false, Duration::from_secs(5)).await;
@@ -243,9 +246,7 @@ async fn clients_connecting_during_an_outage_wait_then_get_an_error() {
 async fn a_stalled_link_is_noticed_by_heartbeats_and_recovered() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("stall").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url("heartbeat=1"));
-    let gw = TestGateway::start(&[&url]).await;
+    let (proxy, gw) = start_proxied("heartbeat=1", &[]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
@@ -336,9 +337,7 @@ async fn access_refused_fails_only_the_clients_that_asked() {
 async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("closed").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
-    let gw = TestGateway::start(&[&url]).await;
+    let (proxy, gw) = start_proxied("", &[]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
@@ -371,9 +370,7 @@ async fn streams_on_an_exchange_deleted_during_an_outage_end_with_an_error() {
     let broker = Broker::connect().await;
     let doomed = broker.exchange("doomed").await;
     let kept = broker.exchange("kept").await;
-    let proxy = FaultProxy::start(rabbitmq_addr()).await;
-    let url = format!("--amqp-url={}", proxy.amqp_url(""));
-    let gw = TestGateway::start(&[&url]).await;
+    let (proxy, gw) = start_proxied("", &[]).await;
     let mut streaming = gw.connect(&[(&doomed, "#")]).await;
     streaming.expect("ready").await;
     let mut other = gw.connect(&[(&kept, "#")]).await;
