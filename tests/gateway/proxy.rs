@@ -140,10 +140,14 @@ async fn relay(
     }
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
+    // Biased, cancellation first: after a cut, bytes held back by a stall must never be
+    // forwarded, even when the stall is lifted before this task runs again (a cut followed
+    // at once by a restore would otherwise let held acknowledgements reach the broker).
     tokio::select! {
+        biased;
+        () = link.cancelled() => {}
         _ = pump(cr, sw, mode.clone(), true) => {}
         _ = pump(sr, cw, mode, false) => {}
-        () = link.cancelled() => {}
     }
 }
 
