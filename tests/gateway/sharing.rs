@@ -83,6 +83,10 @@ async fn clients_leaving_before_ready_or_mid_binding_leave_nothing_behind() {
     let exchanges = [broker.exchange("a").await, broker.exchange("b").await];
     let gw = TestGateway::start(&[]).await;
     gw.wait_connected().await;
+    // The gateway runs on this test's own runtime, so its task count is ours to watch:
+    // every per-client, per-subscription and per-exchange task must end with its owner.
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let tasks_before = settled_task_count(&runtime).await;
 
     for round in 0..3u64 {
         // Each client asks for new patterns and leaves after 0–30 ms: some before the
@@ -108,6 +112,15 @@ async fn clients_leaving_before_ready_or_mid_binding_leave_nothing_behind() {
     .await;
     let registry = gw.running.as_ref().expect("running").registry().clone();
     eventually(Duration::from_secs(5), || registry.is_empty()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while runtime.num_alive_tasks() > tasks_before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        runtime.num_alive_tasks(),
+        tasks_before,
+        "no task outlives the clients that caused it"
+    );
     assert_eq!(gw.metric("events_gateway_connections_open").await, 0.0);
     assert_eq!(gw.metric("events_gateway_broker_bindings").await, 0.0);
     assert_eq!(gw.metric("events_gateway_broker_queues").await, 0.0);
@@ -312,4 +325,19 @@ async fn a_binding_left_and_asked_for_again_while_the_broker_is_busy_gets_ready(
     churn.await.expect("churn");
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
+}
+
+/// The runtime's task count once it has not changed for half a second: the broker
+/// connection starts its own tasks (heartbeats) shortly after it reports itself connected.
+async fn settled_task_count(runtime: &tokio::runtime::RuntimeMetrics) -> usize {
+    let mut last = runtime.num_alive_tasks();
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = runtime.num_alive_tasks();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
 }
