@@ -1,0 +1,175 @@
+//! The broker's application restarted under a running gateway (`rabbitmqctl stop_app`,
+//! then `start_app`): every connection is closed by the broker, the node refuses new ones
+//! for a while, and the gateway's non-durable queues are gone when it comes back.
+//!
+//! This is its own test binary because it stops RabbitMQ for everyone: `cargo test` runs
+//! test binaries one after another, so no other suite sees the outage. Do not run it in
+//! parallel with the other suites (e.g. under a runner that runs binaries concurrently).
+//! Should it fail half-way, a guard starts the broker's app again.
+
+#[allow(dead_code)]
+#[path = "gateway/helpers.rs"]
+mod helpers;
+
+use std::time::Duration;
+
+use helpers::*;
+use lapin::options::ExchangeDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+
+/// Starts the broker's app again if the test ends (or panics) while it is stopped.
+struct RestartGuard {
+    stopped: bool,
+}
+
+impl RestartGuard {
+    async fn stop_app(&mut self) {
+        rabbitmqctl(&["stop_app"]).await;
+        self.stopped = true;
+    }
+
+    async fn start_app(&mut self) {
+        rabbitmqctl(&["start_app"]).await;
+        rabbitmqctl(&["await_startup"]).await;
+        self.stopped = false;
+    }
+}
+
+impl Drop for RestartGuard {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .arg("start_app")
+                .status();
+        }
+    }
+}
+
+async fn rabbitmqctl(args: &[&str]) {
+    let status = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .arg("-q")
+        .status()
+        .await
+        .expect("rabbitmqctl runs (RabbitMQ's CLI must be installed)");
+    assert!(status.success(), "rabbitmqctl {args:?} failed: {status}");
+}
+
+/// A durable topic exchange, so that it survives the restart (the gateway's queues do not:
+/// they are not durable, by design).
+async fn durable_exchange() -> String {
+    let _ = Broker::connect().await; // fails with instructions when RabbitMQ is missing
+    let name = format!("exchange/test/{}/restart", unique());
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare durable exchange");
+    let _ = connection.close(200, "done".into()).await;
+    name
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_app_restarting_is_survived_and_clients_are_told_of_the_gap() {
+    let ex = durable_exchange().await;
+    let gw = TestGateway::start(&["--ping-interval=300ms", "--ready-timeout=60s"]).await;
+    let mut streaming = gw.raw_connect(&[(&ex, "#")]).await;
+    let broker = Broker::connect().await;
+    broker.publish(&ex, "k", &[], b"{\"n\":0}").await;
+    streaming
+        .read_until(b"{\"n\":0}", Duration::from_secs(5))
+        .await;
+    drop(broker);
+
+    // Act: the broker's app stops; every connection to it is closed.
+    let mut guard = RestartGuard { stopped: false };
+    let stopped = std::time::Instant::now();
+    guard.stop_app().await;
+    let running = gw.running.as_ref().expect("running");
+    eventually(Duration::from_secs(10), || !running.broker().is_connected()).await;
+    assert_eq!(gw.status_of("/__heartbeat__").await, 503);
+
+    // During the outage the stream stays open and keeps pinging, and a new client waits.
+    streaming.buf.clear();
+    streaming
+        .read_until(b"event: ping", Duration::from_secs(3))
+        .await;
+    let mut waiting = gw.connect(&[(&ex, "waiting.#")]).await;
+    waiting.expect_silence(Duration::from_millis(500)).await;
+
+    guard.start_app().await;
+    let back = std::time::Instant::now();
+
+    // Assert: reconnected, the lost queue re-created and re-bound, its client told.
+    eventually(Duration::from_secs(60), || running.broker().is_connected()).await;
+    eprintln!(
+        "reconnected {:?} after the broker's app was up ({:?} after it was stopped)",
+        back.elapsed(),
+        stopped.elapsed()
+    );
+    streaming
+        .read_until(b"may have been missed", Duration::from_secs(30))
+        .await;
+    let ready = loop {
+        let event = waiting
+            .next_within(Duration::from_secs(30))
+            .await
+            .expect("ready");
+        if event.event != "ping" {
+            break event;
+        }
+    };
+    assert_eq!((ready.event.as_str(), ready.data.as_str()), ("ready", "{}"));
+    broker_eventually(&gw.queue_prefix, Duration::from_secs(10), |o| {
+        o.queues.len() == 1 && o.bindings.len() == 2 && o.consumers == 1
+    })
+    .await;
+    assert_eq!(gw.status_of("/__heartbeat__").await, 200);
+    assert!(gw.metric("events_gateway_broker_reconnects_total").await >= 1.0);
+
+    let broker = Broker::connect().await;
+    for n in 1..=10 {
+        broker
+            .publish(&ex, "k", &[], format!("{{\"n\":{n}}}").as_bytes())
+            .await;
+    }
+    broker.publish(&ex, "waiting.k", &[], b"{\"n\":11}").await;
+    streaming
+        .read_until(b"{\"n\":11}", Duration::from_secs(10))
+        .await;
+    for n in 1..=11 {
+        assert_eq!(
+            count(&streaming.buf, format!("{{\"n\":{n}}}").as_bytes()),
+            1,
+            "message {n} arrives exactly once"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let message = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let event = waiting.next_within(left).await.expect("stream stays open");
+        if event.event != "ping" {
+            break event;
+        }
+    };
+    assert_eq!(message.event, "message");
+    assert_eq!(message_json(&message.data)["payload"]["n"], 11);
+    gw.shutdown().await;
+    broker.delete_exchange(&ex).await;
+}
