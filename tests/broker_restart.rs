@@ -14,9 +14,6 @@ mod helpers;
 use std::time::Duration;
 
 use helpers::*;
-use lapin::options::ExchangeDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
 
 /// Starts the broker's app again if the test ends (or panics) while it is stopped.
 struct RestartGuard {
@@ -56,38 +53,17 @@ async fn rabbitmqctl(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?} failed: {status}");
 }
 
-/// A durable topic exchange, so that it survives the restart (the gateway's queues do not:
-/// they are not durable, by design).
-async fn durable_exchange() -> String {
-    let _ = Broker::connect().await; // fails with instructions when RabbitMQ is missing
-    let name = format!("exchange/test/{}/restart", unique());
-    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    channel
-        .exchange_declare(
-            name.as_str().into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("declare durable exchange");
-    let _ = connection.close(200, "done".into()).await;
-    name
-}
-
 fn count(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).filter(|w| *w == needle).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_app_restarting_is_survived_and_clients_are_told_of_the_gap() {
-    let ex = durable_exchange().await;
+    // Durable, so that it survives the restart (the gateway's queues do not, by design).
+    let ex = Broker::connect()
+        .await
+        .declare_exchange("restart", true)
+        .await;
     let gw = TestGateway::start(&["--ping-interval=300ms", "--ready-timeout=60s"]).await;
     let mut streaming = gw.raw_connect(&[(&ex, "#")]).await;
     let broker = Broker::connect().await;

@@ -370,6 +370,11 @@ impl Broker {
 
     /// Declares a topic exchange with a unique name `exchange/test/<tag>/<name>`.
     pub async fn exchange(&self, name: &str) -> String {
+        self.declare_exchange(name, false).await
+    }
+
+    /// A topic exchange with a unique name; a durable one survives a broker restart.
+    pub async fn declare_exchange(&self, name: &str, durable: bool) -> String {
         let exchange = format!("exchange/test/{}/{name}", unique());
         self.channel
             .exchange_declare(
@@ -377,6 +382,7 @@ impl Broker {
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     auto_delete: false,
+                    durable,
                     ..Default::default()
                 },
                 FieldTable::default(),
