@@ -106,6 +106,12 @@ pub struct Args {
     #[arg(long, env = "QUEUE_EXPIRES", default_value = "5m", value_parser = humantime::parse_duration)]
     pub queue_expires: Duration,
 
+    /// How often each exchange in use is checked to still exist. The broker sends no
+    /// notice when an exchange is deleted: its bindings vanish silently, so its clients
+    /// would wait forever; a check that finds it gone ends their streams with an error.
+    #[arg(long, env = "EXCHANGE_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub exchange_check_interval: Duration,
+
     /// Unacknowledged deliveries per queue.
     #[arg(long, env = "PREFETCH", default_value_t = 1000)]
     pub prefetch: u16,
@@ -261,6 +267,7 @@ impl Config {
                     prefetch: args.prefetch,
                     queue_max_length: args.queue_max_length,
                     queue_expires: args.queue_expires,
+                    exchange_check_interval: args.exchange_check_interval,
                 })
             }
             None => {
@@ -286,6 +293,10 @@ impl Config {
                 args.header_read_timeout.as_millis() as usize,
             ),
             ("QUEUE_EXPIRES", args.queue_expires.as_millis() as usize),
+            (
+                "EXCHANGE_CHECK_INTERVAL",
+                args.exchange_check_interval.as_millis() as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
@@ -297,6 +308,12 @@ impl Config {
             ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
             ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
             ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
+            (
+                "EXCHANGE_CHECK_INTERVAL",
+                args.exchange_check_interval,
+                DAY,
+                "24h",
+            ),
             (
                 "WRITE_COALESCE",
                 args.write_coalesce,

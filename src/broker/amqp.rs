@@ -11,7 +11,9 @@
 //!   `x-max-length`), binds and unbinds patterns, and deletes the queue when nothing is
 //!   wanted any more. Each reconciler uses channels of its own, so a missing exchange
 //!   (404 closes the channel) fails only the subscriptions that asked for it. After a
-//!   lost connection it re-declares the same queue and re-binds every wanted pattern;
+//!   lost connection it re-declares the same queue and re-binds every wanted pattern.
+//!   Every `exchange_check_interval` it checks that its exchange still exists, since the
+//!   broker deletes an exchange's bindings without telling its consumers;
 //! - one **consumer** task per queue hands each delivery to [`Topology::deliver`] and acks
 //!   in batches (`multiple`), at most `prefetch` messages in flight.
 //!
@@ -62,6 +64,8 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     pub queue_max_length: u32,
     pub queue_expires: Duration,
+    /// How often a reconciler checks that its exchange still exists.
+    pub exchange_check_interval: Duration,
 }
 
 impl std::fmt::Debug for AmqpSettings {
@@ -72,6 +76,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("prefetch", &self.prefetch)
             .field("queue_max_length", &self.queue_max_length)
             .field("queue_expires", &self.queue_expires)
+            .field("exchange_check_interval", &self.exchange_check_interval)
             .finish()
     }
 }
@@ -354,6 +359,7 @@ impl Reconciler {
 
     async fn run(mut self) {
         let mut live_rx = self.broker.live.subscribe();
+        let mut check_due = false;
         loop {
             let live = live_rx.borrow_and_update().clone();
             if self.broker.shutdown.is_cancelled() {
@@ -365,7 +371,10 @@ impl Reconciler {
                 return;
             }
             let retry = match &live {
-                Some(live) => match self.reconcile(live).await {
+                Some(live) => match self
+                    .check_then_reconcile(std::mem::take(&mut check_due), live)
+                    .await
+                {
                     Step::Done => false,
                     Step::Retry(reason) => {
                         tracing::warn!(exchange = %self.exchange, %reason, "broker operation failed; will retry");
@@ -389,12 +398,22 @@ impl Reconciler {
                     std::future::pending::<()>().await;
                 }
             };
+            // Only a queue that is declared and consumed has an exchange worth checking.
+            let check_after =
+                (self.declared && !retry).then_some(self.broker.settings.exchange_check_interval);
+            let wait_check = async {
+                match check_after {
+                    Some(after) => tokio::time::sleep(after).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = self.notify.notified() => {}
                 changed = live_rx.changed() => {
                     if changed.is_err() { return; }
                 }
                 () = wait_retry => {}
+                () = wait_check => check_due = true,
                 () = self.broker.shutdown.cancelled() => {}
             }
         }
@@ -568,18 +587,7 @@ impl Reconciler {
     /// Checks the exchange exists, declares the queue and starts consuming. `Ok(false)`:
     /// the broker refused (the subscriptions were told); nothing was left on the broker.
     async fn declare(&mut self, ops: &Channel, live: &Live) -> Result<bool, Step> {
-        let passive = ExchangeDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let check = timed(ops.exchange_declare(
-            self.exchange.as_str().into(),
-            ExchangeKind::Topic,
-            passive,
-            FieldTable::default(),
-        ))
-        .await;
-        if let Err(err) = check {
+        if let Err(err) = exchange_exists(ops, &self.exchange).await {
             return self.refused(err);
         }
         let ops = if self.queue_may_exist {
@@ -620,6 +628,39 @@ impl Reconciler {
         self.queue_may_exist = true;
         self.start_consumer(live).await.map_err(Step::Retry)?;
         Ok(true)
+    }
+
+    async fn check_then_reconcile(&mut self, check_due: bool, live: &Live) -> Step {
+        match self.check_exchange(check_due, live).await {
+            Step::Done => self.reconcile(live).await,
+            retry => retry,
+        }
+    }
+
+    /// The broker sends no notice when an exchange is deleted: its bindings vanish and the
+    /// queue simply gets nothing more. So, when `due`, the exchange of a declared queue is
+    /// checked (a passive declare); if it is gone, the streams bound on it end with an
+    /// error, as when a client asks for a missing exchange.
+    async fn check_exchange(&mut self, due: bool, live: &Live) -> Step {
+        if !due || !self.declared || self.generation != live.generation {
+            return Step::Done;
+        }
+        let ops = match self.ops_channel(live).await {
+            Ok(ops) => ops,
+            Err(step) => return step,
+        };
+        let Err(err) = exchange_exists(&ops, &self.exchange).await else {
+            return Step::Done;
+        };
+        if is_not_found(&err) {
+            tracing::warn!(exchange = %self.exchange, "exchange no longer exists; ending the streams bound on it");
+            // Its bindings went with it.
+            self.bound.clear();
+        }
+        match self.refused(err) {
+            Ok(_) => Step::Done,
+            Err(step) => step,
+        }
     }
 
     /// Before declaring again a queue we had: did it survive (outage shorter than
@@ -732,6 +773,21 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// A passive declare: fails (and closes the channel) if the exchange does not exist.
+async fn exchange_exists(ops: &Channel, exchange: &str) -> Result<(), TimedError> {
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    timed(ops.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        passive,
+        FieldTable::default(),
+    ))
+    .await
 }
 
 /// Bounds a broker operation in time so that a stalled connection cannot hang a reconciler.

@@ -394,3 +394,40 @@ async fn streams_on_an_exchange_deleted_during_an_outage_end_with_an_error() {
     gw.shutdown().await;
     broker.delete_exchange(&kept).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_on_an_exchange_deleted_while_connected_end_with_an_error() {
+    let broker = Broker::connect().await;
+    let doomed = broker.exchange("doomed").await;
+    let kept = broker.exchange("kept").await;
+    let gw = TestGateway::start(&["--exchange-check-interval=200ms"]).await;
+    let mut streaming = gw.connect(&[(&doomed, "#")]).await;
+    streaming.expect("ready").await;
+    let mut other = gw.connect(&[(&kept, "#")]).await;
+    other.expect("ready").await;
+
+    // Act: the exchange goes away while the gateway's connection stays up; RabbitMQ
+    // removes its bindings without telling anyone.
+    broker.delete_exchange(&doomed).await;
+
+    // Assert: the periodic check notices; only that exchange's clients are affected, and
+    // its queue goes away once they have left.
+    assert_eq!(
+        streaming.expect("error").await,
+        format!("\"Exchange `{doomed}` does not exist\"")
+    );
+    streaming.expect_end().await;
+    drop(streaming);
+    broker_eventually(&gw.queue_prefix, Duration::from_secs(5), |o| {
+        o.queues.len() == 1 && o.bindings.len() == 1
+    })
+    .await;
+    broker.publish(&kept, "k", &[], b"{\"n\":1}").await;
+    assert_eq!(
+        message_json(&other.expect("message").await)["payload"]["n"],
+        1
+    );
+    assert_eq!(gw.metric("events_gateway_broker_bindings").await, 1.0);
+    gw.shutdown().await;
+    broker.delete_exchange(&kept).await;
+}
