@@ -341,3 +341,162 @@ async fn settled_task_count(runtime: &tokio::runtime::RuntimeMetrics) -> usize {
     }
     last
 }
+
+/// The real binary in a child process, so that its RSS is its own.
+struct ChildGateway {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ChildGateway {
+    async fn start(args: &[&str]) -> Self {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_events-gateway"))
+            .args([
+                "--listen-address=127.0.0.1".to_owned(),
+                format!("--port={}", addr.port()),
+                format!("--amqp-url={}", amqp_url()),
+                format!(
+                    "--queue-prefix=queue/guest/events-gateway-test-{}",
+                    unique()
+                ),
+                "--log-level=warn".to_owned(),
+                "--shutdown-grace=5s".to_owned(),
+            ])
+            .args(args)
+            .spawn()
+            .expect("start the gateway binary");
+        let gw = Self { child, addr };
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/__heartbeat__");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return gw;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway binary did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resident set size in KiB, from /proc.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        // SIGTERM, so that it drains and deletes its queues; then make sure it is gone.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_holds_no_more_memory_than_its_bounded_buffer() {
+    let broker = Broker::connect().await;
+    let ex = broker.exchange("stuck").await;
+    let gw = ChildGateway::start(&["--subscription-buffer=64"]).await;
+    let path = format!("/api/events/v1/connect/?{}", bindings_query(&[(&ex, "#")]));
+    // The stuck client reads up to `ready`, then never again.
+    let mut stuck = RawClient::get(gw.addr, &path, &[]).await;
+    stuck
+        .read_until(b"event: ready", Duration::from_secs(10))
+        .await;
+    let resp = reqwest::get(format!("http://{}{path}", gw.addr))
+        .await
+        .expect("connect");
+    let mut fast = SseClient::from_response(resp);
+    fast.expect("ready").await;
+
+    let filler = "x".repeat(32 * 1024);
+    let publish = |range: std::ops::Range<u64>| {
+        let (broker, ex, filler) = (&broker, &ex, &filler);
+        async move {
+            for n in range {
+                let body = format!("{{\"n\":{n},\"filler\":\"{filler}\"}}");
+                broker.publish(ex, "k", &[], body.as_bytes()).await;
+                // Paced so that a client that reads keeps up with a 64-frame buffer.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    };
+    // Warm up: fills the stuck client's socket buffers and the allocator's caches.
+    let read = |mut fast: SseClient, range: std::ops::Range<u64>| {
+        tokio::spawn(async move {
+            for n in range {
+                let msg = message_json(&fast.expect("message").await);
+                assert_eq!(
+                    msg["payload"]["n"], n,
+                    "the fast client gets every message in order"
+                );
+            }
+            fast
+        })
+    };
+    let warm_up = 200;
+    let reader = read(fast, 0..warm_up);
+    publish(0..warm_up).await;
+    let fast = reader.await.expect("fast client");
+    let before = gw.rss_kib();
+
+    // Act: 48 MiB more through the subscription while the stuck client reads nothing.
+    let total = warm_up + 1500;
+    let reader = read(fast, warm_up..total);
+    let mut peak = before;
+    let publishing = publish(warm_up..total);
+    tokio::pin!(publishing);
+    loop {
+        tokio::select! {
+            () = &mut publishing => break,
+            () = tokio::time::sleep(Duration::from_millis(20)) => peak = peak.max(gw.rss_kib()),
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the fast client is not held back")
+        .expect("fast client");
+    peak = peak.max(gw.rss_kib());
+
+    // Assert: the gateway grew by about its bounded buffer (64 frames of 32 KiB, shared by
+    // both clients, plus the stuck client's HTTP write queue), not by what was published.
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "gateway RSS {before} KiB before, peak {peak} KiB (+{grew} KiB) for 48 MiB published"
+    );
+    assert!(
+        grew < 16 * 1024,
+        "RSS grew by {grew} KiB while a stuck client was connected"
+    );
+    stuck
+        .read_until(
+            b"messages were dropped because this client reads too slowly",
+            Duration::from_secs(10),
+        )
+        .await;
+    drop(gw);
+    broker.delete_exchange(&ex).await;
+}
