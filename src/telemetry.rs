@@ -41,7 +41,11 @@ pub fn init(filter: &str, json: bool) {
             .event_format(MozLog::new())
             .init();
     } else {
-        builder.init();
+        // Colours only on a terminal: piped or collected logs (journald, Kubernetes) would
+        // otherwise be full of escape codes.
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .init();
     }
 }
 

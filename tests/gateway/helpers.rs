@@ -232,10 +232,15 @@ impl SseClient {
         self.next_within(Duration::from_secs(5)).await
     }
 
-    /// The next event, which must be of `kind`; returns its data.
+    /// The next event (within 5 s), which must be of `kind`; returns its data.
     pub async fn expect(&mut self, kind: &str) -> String {
+        self.expect_within(kind, Duration::from_secs(5)).await
+    }
+
+    /// The next event, which must be of `kind` and come within `within`; returns its data.
+    pub async fn expect_within(&mut self, kind: &str, within: Duration) -> String {
         let event = self
-            .next()
+            .next_within(within)
             .await
             .unwrap_or_else(|| panic!("stream ended, expected {kind}"));
         assert_eq!(event.event, kind, "unexpected event: {event:?}");

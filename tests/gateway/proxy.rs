@@ -102,6 +102,11 @@ impl FaultProxy {
         self.cut();
     }
 
+    /// Refuses new connections until [`FaultProxy::restore`]; open ones stay.
+    pub fn refuse_new(&self) {
+        self.mode.send_replace(Mode::Down);
+    }
+
     /// Keeps connections open but lets no byte through.
     pub fn stall(&self) {
         self.mode.send_replace(Mode::Stall);

@@ -351,9 +351,13 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
         .find(|(_, port)| port.trim().parse().is_ok_and(|p: u16| ports.contains(&p)))
         .map(|(pid, _)| pid.trim().to_owned())
         .unwrap_or_else(|| panic!("the gateway's connection in {listing:?} (ports {ports:?})"));
+    // Refused reconnects keep the outage open until the test has seen it: otherwise the
+    // gateway may be back before a slow rabbitmqctl returns.
+    proxy.refuse_new();
     rabbitmqctl_output(&["close_connection", &pid, "closed by a test"]).await;
-    wait_broker(&gw, false, Duration::from_secs(5)).await;
+    wait_broker(&gw, false, Duration::from_secs(10)).await;
     publish_range(&broker, &ex, 0..10).await;
+    proxy.restore();
     wait_broker(&gw, true, Duration::from_secs(30)).await;
     let seen = collect(&mut client, 10, Duration::from_secs(10)).await;
     assert_eq!(
@@ -380,6 +384,7 @@ async fn streams_on_an_exchange_deleted_during_an_outage_end_with_an_error() {
     wait_broker(&gw, false, Duration::from_secs(5)).await;
     broker.delete_exchange(&doomed).await;
     proxy.restore();
+    wait_broker(&gw, true, Duration::from_secs(30)).await;
 
     assert_eq!(
         streaming.expect("error").await,

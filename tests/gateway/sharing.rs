@@ -22,7 +22,9 @@ async fn five_hundred_clients_on_ten_patterns_make_two_queues_and_ten_bindings()
         let gw = &gw;
         async move {
             let mut client = gw.connect(&[(ex, pattern)]).await;
-            assert_eq!(client.expect("ready").await, "{}");
+            // 500 clients wait together on two worker threads: allow for a loaded machine.
+            let ready = client.expect_within("ready", Duration::from_secs(20)).await;
+            assert_eq!(ready, "{}");
             client
         }
     }))
@@ -116,10 +118,10 @@ async fn clients_leaving_before_ready_or_mid_binding_leave_nothing_behind() {
     while runtime.num_alive_tasks() > tasks_before && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        runtime.num_alive_tasks(),
-        tasks_before,
-        "no task outlives the clients that caused it"
+    let tasks_after = runtime.num_alive_tasks();
+    assert!(
+        tasks_after <= tasks_before,
+        "no task outlives the clients that caused it: {tasks_after} alive, {tasks_before} before"
     );
     assert_eq!(gw.metric("events_gateway_connections_open").await, 0.0);
     assert_eq!(gw.metric("events_gateway_broker_bindings").await, 0.0);
@@ -247,7 +249,9 @@ async fn a_missing_exchange_fails_only_its_own_clients_and_leaves_nothing() {
 async fn a_binding_left_and_asked_for_again_while_the_broker_is_busy_gets_ready() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("again").await;
-    let gw = TestGateway::start(&["--ready-timeout=5s"]).await;
+    // The bug this guards against left `ready` pending forever; 20 s only allows for a
+    // loaded machine.
+    let gw = TestGateway::start(&["--ready-timeout=20s"]).await;
     gw.wait_connected().await;
     // Keep the exchange's reconciler busy with other bindings coming and going.
     let stop = tokio_util::sync::CancellationToken::new();
@@ -263,15 +267,17 @@ async fn a_binding_left_and_asked_for_again_while_the_broker_is_busy_gets_ready(
                     .get(format!("{url}/api/events/v1/connect/?{query}"))
                     .send()
                     .await;
+                // Busy, but not so busy as to starve the other tests running alongside.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
     };
     for _ in 0..30 {
         let mut first = gw.connect(&[(&ex, "same.#")]).await;
-        first.expect("ready").await;
+        first.expect_within("ready", Duration::from_secs(20)).await;
         drop(first);
         let mut again = gw.connect(&[(&ex, "same.#")]).await;
-        again.expect("ready").await;
+        again.expect_within("ready", Duration::from_secs(20)).await;
     }
     stop.cancel();
     churn.await.expect("churn");
@@ -302,24 +308,49 @@ struct ChildGateway {
 
 impl ChildGateway {
     async fn start(args: &[&str]) -> Self {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_events-gateway"))
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_events-gateway"))
             .args([
                 "--listen-address=127.0.0.1".to_owned(),
-                format!("--port={}", addr.port()),
+                "--port=0".to_owned(),
                 format!("--amqp-url={}", amqp_url()),
                 format!(
                     "--queue-prefix=queue/guest/events-gateway-test-{}",
                     unique()
                 ),
-                "--log-level=warn".to_owned(),
+                "--log-level=events_gateway=info".to_owned(),
                 "--shutdown-grace=5s".to_owned(),
             ])
             .args(args)
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start the gateway binary");
+        // Its port comes from its "listening" log line; the rest of its log is drained so
+        // that it never blocks on a full pipe.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("local_addr="))
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let logged = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .expect("join");
+        let Ok(addr) = logged else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway binary did not log its address");
+        };
         let gw = Self { child, addr };
         let http = reqwest::Client::new();
         let url = format!("http://{addr}/__heartbeat__");
