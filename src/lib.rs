@@ -176,7 +176,11 @@ impl Running {
     pub async fn shutdown(self) {
         let started = Instant::now();
         tracing::info!("drain started");
+        // First the token (streams still waiting for `ready` poll it), then the marker
+        // through every subscription's channel (streaming ones wait on that): a stream
+        // subscribing in between starts with the token already cancelled.
         self.draining.cancel();
+        self.registry.announce_drain();
         self.stop_demo.cancel();
         // Keep answering for a moment: health checks see 503 and new connects get 503 (not
         // "connection refused") while every stream ends with its reconnect frame.

@@ -19,6 +19,22 @@ pub struct Frame {
     pub received: Instant,
     /// The last frame of the stream (an `error` that ends it).
     pub end: bool,
+    /// Not written: the gateway is draining, and each stream ends with a reconnect frame
+    /// of its own (its retry delay is jittered per client). It comes through the channel
+    /// the stream already waits on, so streaming costs no extra check per poll.
+    pub drain: bool,
+}
+
+impl Frame {
+    /// The marker sent to every subscription when the gateway starts draining.
+    pub fn drain() -> Self {
+        Self {
+            bytes: Bytes::new(),
+            received: Instant::now(),
+            end: true,
+            drain: true,
+        }
+    }
 }
 
 /// The `ready` frame (data `{}`), the same for everyone.

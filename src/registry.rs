@@ -128,6 +128,14 @@ impl Registry {
         }
     }
 
+    /// Tells every live stream that the gateway is draining (see [`Frame::drain`]).
+    /// Streams that subscribe after this see the draining token before they stream.
+    pub fn announce_drain(&self) {
+        for sub in self.subscriptions.iter() {
+            sub.send(Frame::drain());
+        }
+    }
+
     /// Number of live subscriptions.
     pub fn len(&self) -> usize {
         self.subscriptions.len()

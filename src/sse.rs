@@ -204,6 +204,9 @@ impl ClientStream {
             }
         }
         match Pin::new(&mut self.frames).poll_next(cx) {
+            Poll::Ready(Some(Ok(frame))) if frame.drain => {
+                self.end_with(message::reconnect_frame(reconnect_delay_ms()))
+            }
             Poll::Ready(Some(Ok(frame))) => {
                 let recent = self
                     .last_write
@@ -239,9 +242,11 @@ impl ClientStream {
         if frame.end {
             self.phase = Phase::Done;
         }
-        self.metrics
-            .fanout_latency
-            .observe(frame.received.elapsed().as_secs_f64());
+        self.metrics.fanout_latency.observe(
+            now.into_std()
+                .saturating_duration_since(frame.received)
+                .as_secs_f64(),
+        );
         frame.bytes
     }
 
@@ -267,7 +272,10 @@ impl Stream for ClientStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if !matches!(this.phase, Phase::Done) && this.shutdown.as_mut().poll(cx).is_ready() {
+        // Only a stream still waiting for `ready` watches the draining token; a streaming
+        // one learns of the drain from its channel (`Frame::drain`), which saves a lock
+        // per poll on the fan-out path.
+        if matches!(this.phase, Phase::Waiting(_)) && this.shutdown.as_mut().poll(cx).is_ready() {
             return this.end_with(message::reconnect_frame(reconnect_delay_ms()));
         }
         match &mut this.phase {

@@ -273,6 +273,7 @@ impl Topology {
                 bytes,
                 received,
                 end: false,
+                drain: false,
             },
             Err(err) => {
                 self.metrics.dropped("malformed", 1);
@@ -315,6 +316,7 @@ impl Topology {
             bytes,
             received: Instant::now(),
             end,
+            drain: false,
         };
         for sub in targets {
             sub.send(frame.clone());

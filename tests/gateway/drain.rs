@@ -230,3 +230,34 @@ async fn after_an_error_the_client_gets_204_and_stops() {
     client.await.expect("client stops by itself");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stream_still_waiting_for_ready_also_gets_the_reconnect_frame() {
+    // A broker that never answers: the stream waits for `ready` when the drain starts.
+    let gw = TestGateway::start_unchecked(&[
+        "--amqp-url=amqp://guest:guest@127.0.0.1:1/%2f",
+        "--ready-timeout=60s",
+    ])
+    .await;
+    let mut waiting = RawClient::get(
+        gw.addr,
+        &format!(
+            "/api/events/v1/connect/?{}",
+            bindings_query(&[("exchange/never", "#")])
+        ),
+        &[],
+    )
+    .await;
+    waiting
+        .read_until(b"\r\n\r\n", Duration::from_secs(5))
+        .await;
+    let drain = tokio::spawn(gw.shutdown());
+    waiting.read_to_end(Duration::from_secs(10)).await;
+    let (_, body) = waiting.head_and_body();
+    let body = String::from_utf8_lossy(body);
+    assert!(
+        body.starts_with("retry: ") && body.ends_with("\nid:\n\n"),
+        "only the reconnect frame: {body:?}"
+    );
+    drain.await.expect("drained");
+}
