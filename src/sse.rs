@@ -75,6 +75,8 @@ pub struct ClientStream {
     hold_until: Option<Instant>,
     /// Writing out everything that accumulated during a hold.
     draining: bool,
+    /// The draining token, polled only while waiting for `ready` and after a lag: a
+    /// streaming client learns of a drain from [`Frame::drain`] in its channel.
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     metrics: Metrics,
     connected_at: Instant,
@@ -220,6 +222,10 @@ impl ClientStream {
                 Poll::Ready(Some(Ok(self.written(frame, now))))
             }
             Poll::Ready(Some(Err(BroadcastStreamRecvError::Lagged(missed)))) => {
+                // The drain marker may be among the frames this client lost.
+                if self.shutdown.as_mut().poll(cx).is_ready() {
+                    return self.end_with(message::reconnect_frame(reconnect_delay_ms()));
+                }
                 tracing::debug!(parent: &self._client.span, missed, "slow client lost messages");
                 self.metrics.dropped("slow_client", missed);
                 Poll::Ready(Some(Ok(message::lagged_comment(missed))))

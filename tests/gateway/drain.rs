@@ -261,3 +261,53 @@ async fn a_stream_still_waiting_for_ready_also_gets_the_reconnect_frame() {
     );
     drain.await.expect("drained");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_stream_that_lost_the_drain_notice_still_gets_the_reconnect_frame() {
+    let gw = TestGateway::start_embedded(&["--subscription-buffer=4"]).await;
+    // A client that stops reading after `ready`, so that it falls behind.
+    let mut stuck = gw.raw_connect(&[("exchange/lag", "#")]).await;
+    let filler = "x".repeat(32 * 1024);
+    let publish = |n: u32| {
+        let body = serde_json::json!({
+            "exchange": "exchange/lag", "routingKey": "k", "payload": {"n": n, "filler": filler}
+        });
+        let gw = &gw;
+        async move { gw.publish(&body).await }
+    };
+    // Enough to fill the socket buffers between the gateway and the client.
+    for n in 0..400 {
+        assert_eq!(publish(n).await.0, 200);
+    }
+    // The drain notice goes into the 4-frame buffer, and newer messages push it out.
+    let http = gw.http.clone();
+    let url = gw.url("/api/events/v1/publish");
+    let drain = tokio::spawn(gw.shutdown());
+    for n in 400..410 {
+        let body =
+            serde_json::json!({"exchange": "exchange/lag", "routingKey": "k", "payload": {"n": n}});
+        let _ = http.post(&url).json(&body).send().await;
+    }
+    stuck.read_to_end(Duration::from_secs(10)).await;
+    let (_, body) = stuck.head_and_body();
+    let body = String::from_utf8_lossy(body);
+    // It fell behind: the messages published last (and the drain notice) never reached it.
+    let highest = body
+        .match_indices("\"n\":")
+        .filter_map(|(at, _)| {
+            let digits: String = body[at + 4..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits.parse::<u32>().ok()
+        })
+        .max()
+        .expect("some messages");
+    assert!(highest < 400, "the client lagged (last message {highest})");
+    let last = body.rsplit("\n\n").nth(1).expect("a final frame");
+    assert!(
+        last.starts_with("retry: ") && last.ends_with("\nid:"),
+        "ends with the reconnect frame, got {last:?}"
+    );
+    drain.await.expect("drained");
+}
