@@ -152,15 +152,7 @@ impl TestGateway {
 
     /// The value of one metric series in /metrics (0 if absent).
     pub async fn metric(&self, series: &str) -> f64 {
-        self.text("/metrics")
-            .await
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (name, value) = l.rsplit_once(' ')?;
-                (name == series).then(|| value.parse().ok())?
-            })
-            .unwrap_or(0.0)
+        metric_value(&self.text("/metrics").await, series).unwrap_or(0.0)
     }
 
     /// Drains and stops the gateway.
@@ -182,6 +174,17 @@ fn init_logs() {
 }
 
 /// `bindings=<urlencoded JSON>` for a list of (exchange, pattern).
+/// The value of one series (name with labels, as printed) in a Prometheus text exposition.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+}
+
 pub fn bindings_query(bindings: &[(&str, &str)]) -> String {
     let list: Vec<_> = bindings
         .iter()

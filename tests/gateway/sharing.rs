@@ -488,13 +488,11 @@ async fn a_stuck_client_loses_its_oldest_frames_slows_nobody_and_holds_no_memory
         .text()
         .await
         .expect("metrics body");
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("events_gateway_messages_dropped_total{reason=\"slow_client\"} ")
-        })
-        .and_then(|v| v.parse().ok())
-        .expect("slow_client drop counter");
+    let dropped = metric_value(
+        &metrics,
+        "events_gateway_messages_dropped_total{reason=\"slow_client\"}",
+    )
+    .expect("slow_client drop counter");
     assert!(dropped > 0.0, "drops are counted");
     drop(gw);
     broker.delete_exchange(&ex).await;
