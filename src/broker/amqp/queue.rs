@@ -1,0 +1,216 @@
+//! The reconciler's queue operations: declare the exchange's queue and start its consumer,
+//! check that the exchange and an earlier queue still exist, and delete the queue.
+//!
+//! Invariants:
+//! - a queue is declared only after a passive declare found its exchange, so a missing
+//!   exchange leaves nothing on the broker;
+//! - a queue from an earlier connection is re-declared only after a passive check that it
+//!   survived; if it did not, its clients are told that messages may have been missed;
+//! - a refusal fails every binding of the exchange and ends the streams bound on it.
+
+use std::sync::atomic::Ordering;
+
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use super::Live;
+use super::consumer::consume;
+use super::errors::{TimedError, is_not_found, refusal, timed};
+use super::reconciler::{Reconciler, Retry};
+use crate::topology::BindState;
+
+impl Reconciler {
+    /// Checks the exchange exists, declares the queue and starts consuming. `Ok(false)`:
+    /// the broker refused (the subscriptions were told); nothing was left on the broker.
+    pub(super) async fn declare(&mut self, ops: &Channel, live: &Live) -> Result<bool, Retry> {
+        if let Err(err) = exchange_exists(ops, &self.exchange).await {
+            return self.refused(err);
+        }
+        let ops = if self.queue_may_exist {
+            self.check_queue_survived(ops, live).await?
+        } else {
+            ops.clone()
+        };
+        let options = QueueDeclareOptions {
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            ..Default::default()
+        };
+        let declared =
+            timed(ops.queue_declare(self.queue.as_str().into(), options, self.queue_arguments()))
+                .await;
+        if let Err(err) = declared {
+            return self.refused(err);
+        }
+        self.declared = true;
+        self.queue_may_exist = true;
+        self.start_consumer(live).await?;
+        Ok(true)
+    }
+
+    /// `x-expires` (the queue outlives a short outage but not the process), and
+    /// `x-max-length` with drop-head (the broker never holds an unbounded backlog).
+    fn queue_arguments(&self) -> FieldTable {
+        let settings = &self.broker.settings;
+        let expires_ms = settings
+            .queue_expires
+            .as_millis()
+            .clamp(1, u128::from(u32::MAX)) as u32;
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), AMQPValue::LongUInt(expires_ms));
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongUInt(settings.queue_max_length),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        args
+    }
+
+    /// The broker sends no notice when an exchange is deleted: its bindings vanish and the
+    /// queue simply gets nothing more. So the exchange of a declared queue is checked (a
+    /// passive declare); if it is gone, the streams bound on it end with an error, as when
+    /// a client asks for a missing exchange.
+    pub(super) async fn check_exchange(&mut self, live: &Live) -> Result<(), Retry> {
+        if !self.declared || self.generation != live.generation {
+            return Ok(());
+        }
+        let ops = self.ops_channel(live).await?;
+        let Err(err) = exchange_exists(&ops, &self.exchange).await else {
+            return Ok(());
+        };
+        if is_not_found(&err) {
+            tracing::warn!(exchange = %self.exchange, "exchange no longer exists; ending the streams bound on it");
+            // Its bindings went with it.
+            self.bound.clear();
+        }
+        self.refused(err).map(|_| ())
+    }
+
+    /// Before declaring again a queue we had: did it survive (outage shorter than
+    /// `x-expires`, nobody deleted it)? If not, its messages since are lost: the
+    /// subscriptions on this exchange are told, and nothing of the old queue is assumed.
+    /// Returns the channel to go on with (a failed passive declare closes the channel).
+    async fn check_queue_survived(&mut self, ops: &Channel, live: &Live) -> Result<Channel, Retry> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let probe =
+            timed(ops.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()))
+                .await;
+        match probe {
+            Ok(_) => Ok(ops.clone()),
+            Err(err) if is_not_found(&err) => {
+                tracing::warn!(queue = %self.queue, exchange = %self.exchange, "broker queue was lost; re-creating it, messages published meanwhile are missed");
+                self.queue_may_exist = false;
+                self.bound.clear();
+                self.stale.clear();
+                self.consumer_end.recent().clear();
+                self.broker.topology.notice(
+                    &self.exchange,
+                    crate::message::missed_comment(&self.exchange),
+                );
+                self.ops = None;
+                self.ops_channel(live).await
+            }
+            Err(err) => Err(Retry::from(err)),
+        }
+    }
+
+    /// A failed declare: final refusals fail every binding of the exchange (`Ok(false)`),
+    /// anything else is retried.
+    fn refused(&mut self, err: TimedError) -> Result<bool, Retry> {
+        let Some(refused) = refusal(&err, &self.exchange) else {
+            return Err(Retry::from(err));
+        };
+        self.ops = None;
+        tracing::info!(exchange = %self.exchange, error = %refused, "bindings refused");
+        // Clients still waiting learn it from their `ready` watch; clients already
+        // streaming (the exchange vanished during an outage) get the error too.
+        self.broker
+            .topology
+            .fail_streams(&self.exchange, &refused.to_string());
+        self.broker
+            .topology
+            .set_all(&self.exchange, BindState::Failed(refused));
+        Ok(false)
+    }
+
+    /// Opens a channel of the consumer's own, with `prefetch`, and starts its task.
+    async fn start_consumer(&mut self, live: &Live) -> Result<(), Retry> {
+        let channel = timed(live.connection.create_channel()).await?;
+        timed(channel.basic_qos(self.broker.settings.prefetch, BasicQosOptions::default())).await?;
+        let consumer = timed(channel.basic_consume(
+            self.queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await?;
+        self.consumer_end.lost.store(false, Ordering::Release);
+        let task = tokio::spawn(consume(
+            self.broker.topology.clone(),
+            self.exchange.clone(),
+            channel.clone(),
+            consumer,
+            self.consumer_end.clone(),
+        ));
+        self.consumer = Some((channel, task));
+        Ok(())
+    }
+
+    /// Stops consuming and deletes the queue (its bindings go with it). If that fails the
+    /// queue still disappears by itself once unused for `x-expires`; what was bound is
+    /// then only possibly there. Returns whether the queue is gone.
+    pub(super) async fn delete_queue(&mut self, live: &Live) -> bool {
+        if let Some((channel, task)) = self.consumer.take() {
+            task.abort();
+            let _ = timed(channel.close(200, "no longer needed".into())).await;
+        }
+        self.declared = false;
+        let Ok(ops) = self.ops_channel(live).await else {
+            self.stale.extend(self.bound.drain());
+            return false;
+        };
+        let deleted =
+            timed(ops.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default()))
+                .await;
+        match deleted {
+            Ok(_) => {
+                self.queue_may_exist = false;
+                self.bound.clear();
+                self.stale.clear();
+                true
+            }
+            Err(err) => {
+                tracing::debug!(queue = %self.queue, error = %err, "could not delete queue");
+                self.ops = None;
+                self.stale.extend(self.bound.drain());
+                false
+            }
+        }
+    }
+}
+
+/// A passive declare: fails (and closes the channel) if the exchange does not exist.
+async fn exchange_exists(ops: &Channel, exchange: &str) -> Result<(), TimedError> {
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    timed(ops.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Topic,
+        passive,
+        FieldTable::default(),
+    ))
+    .await
+}
