@@ -12,7 +12,7 @@
 //!   receivers, and a client that falls behind loses its oldest frames (`Lagged`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -23,26 +23,8 @@ use crate::binding::BindingSet;
 use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
+use crate::subscription::Subscription;
 use crate::topology::{BindError, BindState, Topology};
-
-/// One distinct binding set and the broadcast channel its clients share.
-pub struct Subscription {
-    bindings: Arc<BindingSet>,
-    sender: broadcast::Sender<Frame>,
-    /// Clients holding this subscription; changed only under the registry's shard lock.
-    clients: AtomicUsize,
-}
-
-impl Subscription {
-    pub fn bindings(&self) -> &BindingSet {
-        &self.bindings
-    }
-
-    /// Sends a frame to every client; returns how many receivers it reached.
-    pub(crate) fn send(&self, frame: Frame) -> usize {
-        self.sender.send(frame).unwrap_or(0)
-    }
-}
 
 /// Every live subscription, keyed by its canonical binding set.
 pub struct Registry {
@@ -84,25 +66,20 @@ impl Registry {
                 (sub, changed)
             }
             Entry::Vacant(v) => {
-                let (sender, _) = broadcast::channel(self.buffer);
-                let sub = Arc::new(Subscription {
-                    bindings: key,
-                    sender,
-                    clients: AtomicUsize::new(1),
-                });
+                let sub = Arc::new(Subscription::new(key, self.buffer));
                 // Routed before the shard lock is released: a second client finding this
                 // subscription also finds its bindings in the topology.
                 let changed = self.topology.add(&sub);
                 v.insert(sub.clone());
                 self.metrics.subscriptions.inc();
-                tracing::info!(bindings = %sub.bindings, "subscription created");
+                tracing::info!(bindings = %sub.bindings(), "subscription created");
                 (sub, changed)
             }
         };
         for exchange in changed {
             self.broker.exchange_changed(&exchange);
         }
-        let receiver = sub.sender.subscribe();
+        let receiver = sub.receiver();
         let statuses = self.topology.statuses(&sub);
         Client {
             registry: self.clone(),
@@ -115,13 +92,13 @@ impl Registry {
     fn release(&self, sub: &Arc<Subscription>) {
         let removed = self
             .subscriptions
-            .remove_if(&sub.bindings, |_, s| {
+            .remove_if(sub.bindings(), |_, s| {
                 Arc::ptr_eq(s, sub) && s.clients.fetch_sub(1, Ordering::Relaxed) == 1
             })
             .is_some();
         if removed {
             self.metrics.subscriptions.dec();
-            tracing::info!(bindings = %sub.bindings, "subscription released");
+            tracing::info!(bindings = %sub.bindings(), "subscription released");
             for exchange in self.topology.remove(sub) {
                 self.broker.exchange_changed(&exchange);
             }

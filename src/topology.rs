@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::message::{Frame, Incoming};
 use crate::metrics::Metrics;
-use crate::registry::Subscription;
+use crate::subscription::Subscription;
 use crate::topic::TopicTrie;
 
 /// Where the broker stands on one binding.
