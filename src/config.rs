@@ -15,6 +15,10 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 use crate::binding::Limits;
 use crate::broker::AmqpSettings;
 
+/// The one environment variable the process reads besides its settings: the pod's name
+/// (Kubernetes sets it), which goes into queue names and log lines.
+pub const HOSTNAME_ENV: &str = "HOSTNAME";
+
 /// Server-Sent Events gateway for RabbitMQ / Mozilla Pulse (Taskcluster events protocol).
 #[derive(Parser, Clone)]
 #[command(name = "events-gateway", version, about)]
@@ -131,6 +135,11 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Check the configuration, print what the binary reads and serves (settings, routes,
+    /// metrics) as JSON, and exit: what deploy/check.py compares the manifests against.
+    #[arg(long, hide = true)]
+    pub print_manifest: bool,
 }
 
 /// Validated configuration.
@@ -149,6 +158,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log_level: String,
     pub log_json: bool,
+    /// `--print-manifest`: print [`crate::manifest`] instead of serving.
+    pub print_manifest: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -356,6 +367,7 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             log_level: args.log_level,
             log_json: args.log_format == "json",
+            print_manifest: args.print_manifest,
         })
     }
 }

@@ -23,6 +23,13 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    if config.print_manifest {
+        use std::io::Write;
+        let manifest = events_gateway::manifest::manifest(&config);
+        // A closed pipe (`| head`) is not worth a panic.
+        let _ = writeln!(std::io::stdout(), "{manifest:#}");
+        return;
+    }
     events_gateway::telemetry::init(&config.log_level, config.log_json);
     if let Err(err) = events_gateway::run(config, shutdown_signal()).await {
         tracing::error!("{err:#}");

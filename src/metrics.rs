@@ -222,11 +222,16 @@ impl Metrics {
         self.messages_dropped.with_label_values(&[reason]).inc_by(n);
     }
 
+    /// Every registered metric family, as gathered for an exposition.
+    pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec only fails on invalid metric data, which we never build.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let _ = TextEncoder::new().encode(&self.families(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

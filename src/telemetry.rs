@@ -57,7 +57,7 @@ pub struct MozLog {
 
 impl MozLog {
     pub fn new() -> Self {
-        let hostname = std::env::var("HOSTNAME")
+        let hostname = std::env::var(crate::config::HOSTNAME_ENV)
             .ok()
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
             .map(|h| h.trim().to_owned())

@@ -1,0 +1,84 @@
+//! `POST /api/events/v1/publish`: the embedded broker's way in (404 in AMQP mode).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use warp::Filter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+
+use super::{Route, State, json, with_state};
+use crate::binding::MAX_NAME_BYTES;
+use crate::broker::Broker;
+
+/// Largest body the route accepts.
+const MAX_PUBLISH_BYTES: u64 = 1024 * 1024;
+
+/// A message for the embedded broker.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Publish {
+    exchange: String,
+    routing_key: String,
+    #[serde(default)]
+    cc: Vec<String>,
+    payload: Box<serde_json::value::RawValue>,
+}
+
+/// The route; it exists only on the embedded broker.
+pub(super) fn route(state: Arc<State>) -> impl Route {
+    warp::path!("api" / "events" / "v1" / "publish")
+        .and(warp::post())
+        .and(with_state(state))
+        .and_then(|state: Arc<State>| async move {
+            match &state.broker {
+                Broker::Memory(_) => Ok(state),
+                Broker::Amqp(_) => Err(warp::reject::not_found()),
+            }
+        })
+        .and(warp::body::content_length_limit(MAX_PUBLISH_BYTES))
+        .and(warp::body::bytes())
+        .map(publish)
+}
+
+/// Routes one message to the subscriptions it matches, like a topic exchange. Answers
+/// how many it reached.
+fn publish(state: Arc<State>, body: Bytes) -> Response {
+    let Broker::Memory(broker) = &state.broker else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"code": 404, "message": "Not Found"}),
+        );
+    };
+    let bad = |message: String| {
+        json(
+            StatusCode::BAD_REQUEST,
+            &serde_json::json!({"code": "InvalidRequest", "message": message}),
+        )
+    };
+    let msg: Publish = match serde_json::from_slice(&body) {
+        Ok(msg) => msg,
+        Err(err) => {
+            return bad(format!(
+                "expected {{\"exchange\", \"routingKey\", \"cc\": [...], \"payload\": <JSON>}}: {err}"
+            ));
+        }
+    };
+    let too_long = std::iter::once(&msg.exchange)
+        .chain(std::iter::once(&msg.routing_key))
+        .chain(msg.cc.iter())
+        .any(|s| s.len() > MAX_NAME_BYTES);
+    if too_long || msg.exchange.is_empty() {
+        return bad(format!(
+            "exchange must be non-empty; exchange, routingKey and cc entries at most {MAX_NAME_BYTES} bytes"
+        ));
+    }
+    let cc: Vec<&str> = msg.cc.iter().map(String::as_str).collect();
+    let routed = broker.publish(
+        &msg.exchange,
+        &msg.routing_key,
+        &cc,
+        msg.payload.get().as_bytes(),
+    );
+    json(StatusCode::OK, &serde_json::json!({ "routed": routed }))
+}
