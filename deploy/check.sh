@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
 # Offline validation of deploy/: renders every kustomization with kubectl, validates the
 # objects against the Kubernetes schemas, and cross-checks manifests, dashboard and alert
-# rules against the source. Needs kubectl (with kustomize) and Python 3.11 on PATH.
+# rules against what the binary says it reads and serves (`--print-manifest`). Needs
+# kubectl (with kustomize), Python 3.11, Node.js and cargo on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \
   'kubernetes-validate==1.37.0' 'pyyaml>=6,<7'
+# Prometheus's own PromQL grammar, pinned by deploy/promql/package-lock.json.
+npm ci --prefix deploy/promql --silent --no-audit --no-fund >/dev/null
+if [ -z "${GATEWAY_BIN:-}" ]; then
+  cargo build -q --bin events-gateway
+fi
 exec python3 deploy/check.py "$@"

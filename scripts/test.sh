@@ -2,7 +2,8 @@
 # Runs every test of the project on this machine:
 #   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent);
 #   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ;
-#   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate;
+#   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate
+#      (and deploy/mistakes.py: the check catches deliberate mistakes);
 #   4. tests/browser/run.sh: the live page in headless Chromium against the real binary.
 # Exits non-zero as soon as one part fails.
 set -euo pipefail
@@ -24,6 +25,8 @@ rabbitmqctl -q await_startup
 
 echo "== deploy/check.sh"
 bash deploy/check.sh -q
+echo "== deploy/mistakes.py (check.sh must catch each deliberate mistake)"
+python3 deploy/mistakes.py
 
 echo "== cargo test"
 cargo test
