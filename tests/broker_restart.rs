@@ -7,13 +7,9 @@
 //! parallel with the other suites (e.g. under a runner that runs binaries concurrently).
 //! Should it fail half-way, a guard starts the broker's app again.
 
-#[allow(dead_code)]
-#[path = "gateway/helpers.rs"]
-mod helpers;
-
 use std::time::Duration;
 
-use helpers::*;
+use events_gateway_test_support::*;
 
 /// Starts the broker's app again if the test ends (or panics) while it is stopped.
 struct RestartGuard {
@@ -86,8 +82,13 @@ async fn the_broker_app_restarting_is_survived_and_clients_are_told_of_the_gap()
     streaming
         .read_until(b"event: ping", Duration::from_secs(3))
         .await;
+    let ready_sum = "events_gateway_time_to_ready_seconds_sum";
+    let ready_count = "events_gateway_time_to_ready_seconds_count";
+    let (sum_before, count_before) = (gw.metric(ready_sum).await, gw.metric(ready_count).await);
+    let waiting_since = std::time::Instant::now();
     let mut waiting = gw.connect(&[(&ex, "waiting.#")]).await;
-    waiting.expect_silence(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waited_in_outage = waiting_since.elapsed();
 
     guard.start_app().await;
     let back = std::time::Instant::now();
@@ -112,6 +113,14 @@ async fn the_broker_app_restarting_is_survived_and_clients_are_told_of_the_gap()
         }
     };
     assert_eq!((ready.event.as_str(), ready.data.as_str()), ("ready", "{}"));
+    // Its `ready` came after the broker was back, not during the outage: the gateway's own
+    // time-to-ready for it covers at least the time it spent waiting in the outage.
+    assert_eq!(gw.metric(ready_count).await - count_before, 1.0);
+    let time_to_ready = gw.metric(ready_sum).await - sum_before;
+    assert!(
+        time_to_ready >= waited_in_outage.as_secs_f64(),
+        "ready after {time_to_ready:.3} s, but the client had already waited {waited_in_outage:?} in the outage"
+    );
     broker_eventually(&gw.queue_prefix, Duration::from_secs(10), |o| {
         o.queues.len() == 1 && o.bindings.len() == 2 && o.consumers == 1
     })

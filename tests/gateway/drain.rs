@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::helpers::*;
+use events_gateway_test_support::*;
 
 /// What the client saw: each connection attempt, and each dispatched event.
 #[derive(Debug)]

@@ -4,7 +4,6 @@
 
 mod drain;
 mod embedded;
-mod helpers;
 mod protocol;
 mod proxy;
 mod resilience;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::*;
+use events_gateway_test_support::*;
 
 const ALL_CONNECT_PATHS: &[&str] = &[
     "/api/events/v1/connect/",
@@ -88,7 +88,7 @@ async fn every_connect_path_serves_the_stream() {
             .await
             .expect("connect");
         assert_eq!(resp.status(), 200, "{path}");
-        let mut client = crate::helpers::SseClient::from_response(resp);
+        let mut client = SseClient::from_response(resp);
         assert_eq!(client.expect("ready").await, "{}", "{path}");
     }
     let resp = gw

@@ -2,6 +2,7 @@
 //! stall or refuse the link on command, without disturbing other tests.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +29,8 @@ pub struct FaultProxy {
     links: Arc<Mutex<CancellationToken>>,
     /// Local ports of the proxy's connections to the broker (the broker's "peer ports").
     upstream_ports: Arc<Mutex<Vec<u16>>>,
+    /// Links relaying right now (client and broker both connected).
+    open: Arc<AtomicUsize>,
     stop: CancellationToken,
 }
 
@@ -40,11 +43,13 @@ impl FaultProxy {
         let links = Arc::new(Mutex::new(CancellationToken::new()));
         let stop = CancellationToken::new();
         let upstream_ports = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(AtomicUsize::new(0));
         let proxy = Self {
             addr,
             mode,
             links: links.clone(),
             upstream_ports: upstream_ports.clone(),
+            open: open.clone(),
             stop: stop.clone(),
         };
         let mode_rx = proxy.mode.subscribe();
@@ -68,6 +73,7 @@ impl FaultProxy {
                     mode_rx.clone(),
                     link,
                     upstream_ports.clone(),
+                    open.clone(),
                 ));
             }
         });
@@ -89,11 +95,14 @@ impl FaultProxy {
         self.upstream_ports.lock().expect("lock").clone()
     }
 
-    /// Closes every open connection (the gateway sees its connection drop).
-    pub fn cut(&self) {
+    /// Closes every open connection (the gateway sees its connection drop). Returns how
+    /// many were open, so that a test can assert that its cut really cut something.
+    pub fn cut(&self) -> usize {
         let mut links = self.links.lock().expect("lock");
+        let open = self.open.load(Ordering::Acquire);
         links.cancel();
         *links = CancellationToken::new();
+        open
     }
 
     /// Cuts and refuses new connections until [`FaultProxy::restore`].
@@ -126,7 +135,7 @@ impl FaultProxy {
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.stop.cancel();
-        self.cut();
+        let _ = self.cut();
     }
 }
 
@@ -136,10 +145,13 @@ async fn relay(
     mode: watch::Receiver<Mode>,
     link: CancellationToken,
     ports: Arc<Mutex<Vec<u16>>>,
+    open: Arc<AtomicUsize>,
 ) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
     };
+    open.fetch_add(1, Ordering::AcqRel);
+    let _open = Decrement(open);
     if let Ok(local) = server.local_addr() {
         ports.lock().expect("lock").push(local.port());
     }
@@ -153,6 +165,15 @@ async fn relay(
         () = link.cancelled() => {}
         _ = pump(cr, sw, mode.clone(), true) => {}
         _ = pump(sr, cw, mode, false) => {}
+    }
+}
+
+/// Counts a link as closed when its relay ends, however it ends.
+struct Decrement(Arc<AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

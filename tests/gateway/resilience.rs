@@ -4,12 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lapin::options::QueueDeleteOptions;
 
-use crate::helpers::*;
 use crate::proxy::FaultProxy;
+use events_gateway_test_support::*;
 
 fn rabbitmq_addr() -> SocketAddr {
     "127.0.0.1:5672".parse().expect("addr")
@@ -111,27 +113,75 @@ async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
+    // The publisher counts what it published; it publishes a first third, tells the test,
+    // goes on to two thirds, and waits there until the second cut is made, so that both
+    // cuts fall between messages published before and after them whatever the timing.
     let total = 3000u64;
+    let published = Arc::new(AtomicU64::new(0));
+    let (first_third, first_third_rx) = tokio::sync::oneshot::channel::<()>();
+    let (second_cut_done, second_cut) = tokio::sync::oneshot::channel::<()>();
     let publisher = {
-        let ex = ex.clone();
+        let (ex, published) = (ex.clone(), published.clone());
         tokio::spawn(async move {
             let broker = Broker::connect().await;
-            publish_range(&broker, &ex, 0..total).await;
+            let mut first_third = Some(first_third);
+            let mut second_cut = Some(second_cut);
+            for n in 0..total {
+                if n == total / 3 {
+                    let _ = first_third.take().map(|tx| tx.send(()));
+                }
+                if n == 2 * total / 3
+                    && let Some(rx) = second_cut.take()
+                {
+                    let _ = rx.await;
+                }
+                publish_range(&broker, &ex, n..n + 1).await;
+                published.store(n + 1, Ordering::Release);
+            }
         })
     };
-    // Cut twice while messages are in flight between broker, gateway and client.
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        proxy.cut();
+    // Act: cut the gateway's link twice while the burst flows.
+    first_third_rx.await.expect("the publisher reached a third");
+    let mut cuts = Vec::new();
+    let metrics = gw.running.as_ref().expect("running").metrics().clone();
+    for reconnected in 0..2 {
+        // The second cut only once the gateway is back on a new link.
+        eventually(Duration::from_secs(30), || {
+            metrics.broker_reconnects.get() >= reconnected && metrics.broker_connected.get() == 1
+        })
+        .await;
+        let closed = proxy.cut();
+        cuts.push((closed, published.load(Ordering::Acquire)));
     }
+    let _ = second_cut_done.send(());
     publisher.await.expect("published");
+
+    // The faults really happened mid-burst: each cut closed the gateway's link, with
+    // messages published before it and after it.
+    for (closed, at) in &cuts {
+        assert!(*closed >= 1, "a cut closed the gateway's link: {cuts:?}");
+        assert!(
+            *at >= total / 3 && *at < total,
+            "messages were published before and after each cut: {cuts:?}"
+        );
+    }
+    // Each cut cost the gateway its connection.
+    eventually(Duration::from_secs(30), || {
+        metrics.broker_reconnects.get() >= 2
+    })
+    .await;
     let seen = collect(&mut client, total as usize, Duration::from_secs(30)).await;
     assert_eq!(seen.len() as u64, total, "nothing lost");
     let dups: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(dups.is_empty(), "no duplicates: {dups:?}");
-    client.expect_silence(Duration::from_millis(500)).await;
+    // No late duplicate either: the next message after the burst is a marker.
+    let marker = serde_json::json!({"marker": true});
+    broker
+        .publish(&ex, "k", &[], marker.to_string().as_bytes())
+        .await;
+    client.expect_marker(&marker).await;
     eprintln!(
-        "redeliveries skipped as duplicates: {}",
+        "cuts (links closed, messages published at the cut): {cuts:?}; redeliveries skipped as duplicates: {}",
         gw.metric("events_gateway_messages_dropped_total{reason=\"duplicate\"}")
             .await
     );
@@ -159,7 +209,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
             .len(),
         50
     );
-    proxy.cut();
+    assert!(proxy.cut() >= 1, "the cut closed the gateway's link");
     proxy.restore();
     wait_broker(&gw, true, Duration::from_secs(30)).await;
 
@@ -206,7 +256,11 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
         seen.keys().copied().collect::<Vec<_>>(),
         (50..55).collect::<Vec<_>>()
     );
-    client.expect_silence(Duration::from_millis(300)).await;
+    let marker = serde_json::json!({"marker": true});
+    broker
+        .publish(&ex, "k", &[], marker.to_string().as_bytes())
+        .await;
+    client.expect_marker(&marker).await;
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
-use crate::helpers::*;
+use events_gateway_test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_clients_on_ten_patterns_make_two_queues_and_ten_bindings() {
@@ -48,6 +48,15 @@ async fn five_hundred_clients_on_ten_patterns_make_two_queues_and_ten_bindings()
             .publish(ex, "primary.key", &[&route], body.as_bytes())
             .await;
     }
+    // Then a marker per pair: a client that got another pair's message would see it
+    // before its marker (one queue per exchange keeps the order).
+    for (i, (ex, _)) in pairs.iter().enumerate() {
+        let route = format!("route.p{i}.x");
+        let body = format!("{{\"marker\":{i}}}");
+        broker
+            .publish(ex, "primary.key", &[&route], body.as_bytes())
+            .await;
+    }
     let mut clients = clients;
     join_all(
         clients
@@ -56,13 +65,15 @@ async fn five_hundred_clients_on_ten_patterns_make_two_queues_and_ten_bindings()
             .map(|(i, client)| async move {
                 let msg = message_json(&client.expect("message").await);
                 assert_eq!(msg["payload"]["pair"], (i % 10) as u64);
-                client.expect_silence(Duration::from_millis(200)).await;
+                client
+                    .expect_marker(&serde_json::json!({"marker": i % 10}))
+                    .await;
             }),
     )
     .await;
     assert_eq!(
         gw.metric("events_gateway_messages_delivered_total").await,
-        500.0
+        1000.0
     );
 
     // Everything disappears within 5 s after the clients leave.
@@ -155,11 +166,16 @@ async fn each_client_gets_each_matching_message_exactly_once() {
         .await;
     broker.publish(&ex, "zzz", &["route.x"], b"{\"n\":2}").await;
     broker.publish(&ex, "a.q", &[], b"{\"n\":3}").await;
+    // A marker that every client matches, once: no client got a message twice before it.
+    let marker = serde_json::json!({"marker": true});
+    broker
+        .publish(&ex, "route.x", &[], marker.to_string().as_bytes())
+        .await;
     for c in [&mut shared1, &mut shared2] {
         for n in 1..=3 {
             assert_eq!(message_json(&c.expect("message").await)["payload"]["n"], n);
         }
-        c.expect_silence(Duration::from_millis(300)).await;
+        c.expect_marker(&marker).await;
     }
     for n in 1..=2 {
         let msg = message_json(&narrow.expect("message").await);
@@ -169,7 +185,7 @@ async fn each_client_gets_each_matching_message_exactly_once() {
             serde_json::json!(&["x", "y"][..(3 - n) as usize])
         );
     }
-    narrow.expect_silence(Duration::from_millis(300)).await;
+    narrow.expect_marker(&marker).await;
     assert_eq!(gw.metric("events_gateway_subscriptions").await, 2.0);
     gw.shutdown().await;
     broker.delete_exchange(&ex).await;
@@ -287,6 +303,8 @@ async fn a_binding_left_and_asked_for_again_while_the_broker_is_busy_gets_ready(
 
 /// The runtime's task count once it has not changed for half a second: the broker
 /// connection starts its own tasks (heartbeats) shortly after it reports itself connected.
+/// Fails the test if the count never settles within 10 s: a baseline that is still moving
+/// would make the comparison after the churn meaningless.
 async fn settled_task_count(runtime: &tokio::runtime::RuntimeMetrics) -> usize {
     let mut last = runtime.num_alive_tasks();
     for _ in 0..20 {
@@ -297,7 +315,7 @@ async fn settled_task_count(runtime: &tokio::runtime::RuntimeMetrics) -> usize {
         }
         last = now;
     }
-    last
+    panic!("the runtime's task count never settled within 10 s (last {last})");
 }
 
 /// The real binary in a child process, so that its RSS is its own.

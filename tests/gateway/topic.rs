@@ -10,7 +10,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 
-use crate::helpers::*;
+use events_gateway_test_support::*;
 
 const PATTERNS: &[&str] = &[
     "#", "*", "", "a", "b", "a.*", "a.#", "#.a", "#.#", "a.#.b", "*.*", "a..b", ".", "a.", ".a",

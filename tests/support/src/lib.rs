@@ -1,5 +1,9 @@
-//! Shared test helpers: start a real gateway on port 0 against the real RabbitMQ, talk to
-//! it over HTTP, publish through the broker, and count the broker's own objects.
+//! Helpers shared by events-gateway's integration test binaries: start a real gateway on
+//! port 0 against the real RabbitMQ, talk to it over HTTP, publish through the broker, and
+//! count the broker's own objects.
+//!
+//! A crate of its own (a dev-dependency of the gateway) rather than a module included in
+//! each binary: each binary uses the part it needs, and nothing needs `allow(dead_code)`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -251,11 +255,33 @@ impl SseClient {
         event.data
     }
 
-    /// Asserts that no event arrives within `within`.
-    pub async fn expect_silence(&mut self, within: Duration) {
-        if let Ok(item) = tokio::time::timeout(within, self.events.next()).await {
-            panic!("expected silence, got {item:?}");
+    /// The next event that is not a `ping` (within 5 s).
+    pub async fn next_skipping_pings(&mut self) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self.next_within(left).await?;
+            if event.event != "ping" {
+                return Some(event);
+            }
         }
+    }
+
+    /// Asserts that the next event other than a `ping` is the `message` whose payload is
+    /// `marker`: nothing unwanted arrived before it. The marker must be published after
+    /// whatever must never arrive, on a route the client receives, so that it can only
+    /// come after it (one queue per exchange keeps the order).
+    pub async fn expect_marker(&mut self, marker: &serde_json::Value) {
+        let event = self
+            .next_skipping_pings()
+            .await
+            .unwrap_or_else(|| panic!("stream ended before the marker {marker}"));
+        assert_eq!(event.event, "message", "expected the marker, got {event:?}");
+        assert_eq!(
+            &message_json(&event.data)["payload"],
+            marker,
+            "expected the marker, got another message first: {event:?}"
+        );
     }
 
     /// Asserts the stream ends (after at most 5 s).
