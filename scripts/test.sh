@@ -28,6 +28,9 @@ bash deploy/check.sh -q
 echo "== deploy/mistakes.py (check.sh must catch each deliberate mistake)"
 python3 deploy/mistakes.py
 
+echo "== module layering (no import cycles)"
+python3 scripts/module-cycles.py
+
 echo "== cargo test"
 cargo test
 

@@ -6,141 +6,22 @@
 //! `Config`'s `Debug` shows the endpoint without credentials, and every error names the
 //! setting that is wrong without echoing its value.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
 use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::binding::Limits;
 use crate::broker::AmqpSettings;
 
+mod args;
+
+pub use args::Args;
+
 /// The one environment variable the process reads besides its settings: the pod's name
-/// (Kubernetes sets it), which goes into queue names and log lines.
+/// (Kubernetes sets it), which goes into queue names and log lines. Read through the same
+/// lookup as the settings, never from the process environment directly.
 pub const HOSTNAME_ENV: &str = "HOSTNAME";
-
-/// Server-Sent Events gateway for RabbitMQ / Mozilla Pulse (Taskcluster events protocol).
-#[derive(Parser, Clone)]
-#[command(name = "events-gateway", version, about)]
-pub struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
-    pub listen_address: IpAddr,
-
-    /// Port to listen on (0 picks a free one).
-    #[arg(long, env = "PORT", default_value_t = 12345)]
-    pub port: u16,
-
-    /// Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Overrides the PULSE_* set.
-    /// Without it and without PULSE_HOSTNAME the gateway runs on its embedded broker.
-    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
-    pub amqp_url: Option<String>,
-
-    /// Pulse user name (also names the queues: queue/<user>/…).
-    #[arg(long, env = "PULSE_USERNAME")]
-    pub pulse_username: Option<String>,
-
-    /// Pulse password.
-    #[arg(long, env = "PULSE_PASSWORD", hide_env_values = true)]
-    pub pulse_password: Option<String>,
-
-    /// Pulse host name; setting it selects the PULSE_* set.
-    #[arg(long, env = "PULSE_HOSTNAME")]
-    pub pulse_hostname: Option<String>,
-
-    /// Pulse virtual host.
-    #[arg(long, env = "PULSE_VHOST", default_value = "/")]
-    pub pulse_vhost: String,
-
-    /// Use TLS (amqps, port 5671) for Pulse.
-    #[arg(long, env = "PULSE_AMQPS", default_value_t = true, action = clap::ArgAction::Set)]
-    pub pulse_amqps: bool,
-
-    /// Queue name prefix; default queue/<user>/events-gateway (Pulse requires queue/<user>/).
-    #[arg(long, env = "QUEUE_PREFIX")]
-    pub queue_prefix: Option<String>,
-
-    /// Most SSE connections this process serves at once (keep it below the process's
-    /// open-file limit); more get 503.
-    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
-    pub max_connections: usize,
-
-    /// A client must send its request head within this time (slow-header protection).
-    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub header_read_timeout: Duration,
-
-    /// Embedded broker only: publish demo Taskcluster task events.
-    #[arg(long, env = "DEMO", default_value_t = true, action = clap::ArgAction::Set)]
-    pub demo: bool,
-
-    /// Embedded broker only: demo messages per second.
-    #[arg(long, env = "DEMO_RATE", default_value_t = 5.0)]
-    pub demo_rate: f64,
-
-    /// Most bindings one connection may ask for.
-    #[arg(long, env = "MAX_BINDINGS", default_value_t = 100)]
-    pub max_bindings: usize,
-
-    /// Comma-separated prefixes an exchange name must start with (empty: any).
-    #[arg(long, env = "ALLOWED_EXCHANGE_PREFIXES", default_value = "exchange/")]
-    pub allowed_exchange_prefixes: String,
-
-    /// Time between `ping` events, e.g. 20s.
-    #[arg(long, env = "PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
-    pub ping_interval: Duration,
-
-    /// After a write to a client, how long further frames may wait to go out together in
-    /// one write (0: write each at once). Trades up to this much latency for less CPU.
-    #[arg(long, env = "WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
-    pub write_coalesce: Duration,
-
-    /// How long a client waits for the broker to confirm its bindings before an `error`.
-    #[arg(long, env = "READY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub ready_timeout: Duration,
-
-    /// Frames a client may fall behind before it loses the oldest (per subscription).
-    #[arg(long, env = "SUBSCRIPTION_BUFFER", default_value_t = 1024)]
-    pub subscription_buffer: usize,
-
-    /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
-    #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]
-    pub queue_max_length: u32,
-
-    /// A queue without consumer is deleted by the broker after this long (x-expires).
-    #[arg(long, env = "QUEUE_EXPIRES", default_value = "5m", value_parser = humantime::parse_duration)]
-    pub queue_expires: Duration,
-
-    /// How often each exchange in use is checked to still exist. The broker sends no
-    /// notice when an exchange is deleted: its bindings vanish silently, so its clients
-    /// would wait forever; a check that finds it gone ends their streams with an error.
-    #[arg(long, env = "EXCHANGE_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub exchange_check_interval: Duration,
-
-    /// Unacknowledged deliveries per queue.
-    #[arg(long, env = "PREFETCH", default_value_t = 1000)]
-    pub prefetch: u16,
-
-    /// Value of Access-Control-Allow-Origin.
-    #[arg(long, env = "CORS_ORIGIN", default_value = "*")]
-    pub cors_origin: String,
-
-    /// On SIGTERM, time allowed to end streams, delete queues and exit.
-    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub shutdown_grace: Duration,
-
-    /// Log filter (tracing EnvFilter syntax), e.g. info or events_gateway=debug.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
-
-    /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
-
-    /// Check the configuration, print what the binary reads and serves (settings, routes,
-    /// metrics) as JSON, and exit: what deploy/check.py compares the manifests against.
-    #[arg(long, hide = true)]
-    pub print_manifest: bool,
-}
 
 /// Validated configuration.
 #[derive(Clone)]
@@ -158,7 +39,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub log_level: String,
     pub log_json: bool,
-    /// `--print-manifest`: print [`crate::manifest`] instead of serving.
+    /// The host (pod) name, `HOSTNAME`; empty if unset.
+    pub hostname: String,
+    /// `--print-manifest`: print the manifest instead of serving.
     pub print_manifest: bool,
 }
 
@@ -253,11 +136,12 @@ impl Config {
         });
         let matches = command.try_get_matches_from(args)?;
         let args = Args::from_arg_matches(&matches)?;
-        Ok(Self::from_args(args)?)
+        let hostname = env(HOSTNAME_ENV).unwrap_or_default();
+        Ok(Self::from_args(args, hostname)?)
     }
 
     /// Validates parsed arguments.
-    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+    pub fn from_args(args: Args, hostname: String) -> Result<Self, ConfigError> {
         let broker = match broker_uri(&args)? {
             Some(uri) => {
                 let user = if uri.authority.userinfo.username.is_empty() {
@@ -367,6 +251,7 @@ impl Config {
             shutdown_grace: args.shutdown_grace,
             log_level: args.log_level,
             log_json: args.log_format == "json",
+            hostname,
             print_manifest: args.print_manifest,
         })
     }
@@ -402,96 +287,4 @@ fn broker_uri(args: &Args) -> Result<Option<AMQPUri>, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Config, anyhow::Error> {
-        Config::parse_from(std::iter::once("events-gateway").chain(args.iter().copied()))
-    }
-
-    fn amqp(c: &Config) -> &AmqpSettings {
-        match &c.broker {
-            BrokerSettings::Amqp(a) => a,
-            BrokerSettings::Embedded(_) => panic!("expected AMQP settings"),
-        }
-    }
-
-    #[test]
-    fn defaults_run_the_embedded_broker_with_the_demo() {
-        let c = parse(&[]).expect("defaults are valid");
-        assert_eq!(c.listen.port(), 12345);
-        assert!(matches!(
-            c.broker,
-            BrokerSettings::Embedded(Demo { enabled: true, .. })
-        ));
-        assert_eq!(c.limits.max_bindings, 100);
-        assert_eq!(c.max_connections, 15_000);
-        assert_eq!(c.ping_interval, Duration::from_secs(20));
-    }
-
-    #[test]
-    fn amqp_url_selects_rabbitmq() {
-        let c = parse(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"]).expect("valid");
-        assert_eq!(amqp(&c).uri.authority.host, "127.0.0.1");
-        assert_eq!(amqp(&c).queue_prefix, "queue/guest/events-gateway");
-    }
-
-    #[test]
-    fn pulse_settings_build_a_tls_url_and_hide_the_password() {
-        let c = parse(&[
-            "--pulse-hostname",
-            "pulse.example",
-            "--pulse-username",
-            "me",
-            "--pulse-password",
-            "s3cret",
-        ])
-        .expect("valid");
-        assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQPS);
-        assert_eq!(amqp(&c).uri.authority.port, 5671);
-        assert_eq!(amqp(&c).queue_prefix, "queue/me/events-gateway");
-        assert!(!format!("{c:?}").contains("s3cret"));
-    }
-
-    #[test]
-    fn environment_comes_from_the_lookup_and_flags_win() {
-        let env: std::collections::HashMap<&str, &str> = [
-            ("PORT", "8080"),
-            ("PULSE_HOSTNAME", "pulse.example"),
-            ("PULSE_USERNAME", "me"),
-            ("PULSE_PASSWORD", "s3cret"),
-            ("PULSE_AMQPS", "false"),
-            ("PING_INTERVAL", "5s"),
-        ]
-        .into_iter()
-        .collect();
-        let lookup = |k: &str| env.get(k).map(|v| (*v).to_owned());
-        let c =
-            Config::parse_with_env(["events-gateway", "--port", "9090"], lookup).expect("valid");
-        assert_eq!(c.listen.port(), 9090, "the flag wins");
-        assert_eq!(c.ping_interval, Duration::from_secs(5));
-        assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQP);
-        assert_eq!(amqp(&c).uri.authority.port, 5672);
-        let err = Config::parse_with_env(["events-gateway", "--help"], lookup)
-            .expect_err("help is an early exit");
-        assert!(
-            !err.to_string().contains("s3cret"),
-            "help never shows the password"
-        );
-        // With no lookup, nothing comes from the process environment.
-        let c = Config::parse_from(["events-gateway"]).expect("valid");
-        assert_eq!(c.listen.port(), 12345);
-    }
-
-    #[test]
-    fn bad_settings_are_named_without_their_value() {
-        let err = parse(&["--amqp-url", "http://u:s3cret@[bad"]).expect_err("invalid");
-        assert_eq!(err.to_string(), ConfigError::BadAmqpUrl.to_string());
-        let err = parse(&["--pulse-hostname", "h"]).expect_err("no credentials");
-        assert_eq!(err.to_string(), ConfigError::PulseCredentials.to_string());
-        let err = parse(&["--max-bindings", "0"]).expect_err("zero");
-        assert_eq!(err.to_string(), "MAX_BINDINGS must be greater than zero");
-        let err = parse(&["--ping-interval", "1000years"]).expect_err("too long");
-        assert_eq!(err.to_string(), "PING_INTERVAL must be at most 24h");
-    }
-}
+mod tests;

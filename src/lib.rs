@@ -80,6 +80,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let broker = match &config.broker {
         BrokerSettings::Amqp(settings) => Broker::Amqp(AmqpBroker::start(
             settings.clone(),
+            &config.hostname,
             topology.clone(),
             metrics.clone(),
         )),

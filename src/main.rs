@@ -30,7 +30,7 @@ async fn main() {
         let _ = writeln!(std::io::stdout(), "{manifest:#}");
         return;
     }
-    events_gateway::telemetry::init(&config.log_level, config.log_json);
+    events_gateway::telemetry::init(&config.log_level, config.log_json, &config.hostname);
     if let Err(err) = events_gateway::run(config, shutdown_signal()).await {
         tracing::error!("{err:#}");
         std::process::exit(1);

@@ -22,7 +22,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 
 /// Installs the global subscriber. `filter` uses tracing's EnvFilter syntax.
-pub fn init(filter: &str, json: bool) {
+pub fn init(filter: &str, json: bool, hostname: &str) {
     let wants_trace = filter.contains("trace");
     let mut filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     // lapin logs every channel the broker closes at error level, and any client can cause
@@ -38,7 +38,7 @@ pub fn init(filter: &str, json: bool) {
     if json {
         builder
             .fmt_fields(JsonFields::new())
-            .event_format(MozLog::new())
+            .event_format(MozLog::new(hostname))
             .init();
     } else {
         // Colours only on a terminal: piped or collected logs (journald, Kubernetes) would
@@ -56,9 +56,10 @@ pub struct MozLog {
 }
 
 impl MozLog {
-    pub fn new() -> Self {
-        let hostname = std::env::var(crate::config::HOSTNAME_ENV)
-            .ok()
+    /// `hostname` is the configured one (`HOSTNAME`); empty: the system's.
+    pub fn new(hostname: &str) -> Self {
+        let hostname = Some(hostname.to_owned())
+            .filter(|h| !h.is_empty())
             .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
@@ -70,8 +71,9 @@ impl MozLog {
 }
 
 impl Default for MozLog {
+    /// With the system's host name.
     fn default() -> Self {
-        Self::new()
+        Self::new("")
     }
 }
 
@@ -209,7 +211,7 @@ mod tests {
         let buffer = Buffer::default();
         let subscriber = tracing_subscriber::fmt()
             .fmt_fields(JsonFields::new())
-            .event_format(MozLog::new())
+            .event_format(MozLog::new("test-host"))
             .with_writer(buffer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, || {

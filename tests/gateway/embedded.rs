@@ -306,3 +306,19 @@ async fn a_client_that_sends_its_headers_too_slowly_is_disconnected() {
     );
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_route_the_manifest_lists_is_served() {
+    // deploy/check.py trusts http::ROUTES (through --print-manifest): each must answer.
+    let gw = TestGateway::start_embedded(&[]).await;
+    for route in events_gateway::http::ROUTES {
+        let request = if route.ends_with("/publish") {
+            gw.http.post(gw.url(route)).json(&serde_json::json!({}))
+        } else {
+            gw.http.get(gw.url(route))
+        };
+        let status = request.send().await.expect("request").status();
+        assert_ne!(status, 404, "{route} is listed in ROUTES but not served");
+    }
+    gw.shutdown().await;
+}

@@ -103,13 +103,19 @@ pub struct AmqpBroker {
 
 impl AmqpBroker {
     /// Starts the connection supervisor; reconcilers start when bindings are wanted.
-    pub fn start(settings: AmqpSettings, topology: Arc<Topology>, metrics: Metrics) -> Arc<Self> {
-        let host = std::env::var(crate::config::HOSTNAME_ENV).unwrap_or_default();
+    /// `hostname` (the pod's, may be empty) goes into queue names so that an operator can
+    /// tell whose they are.
+    pub fn start(
+        settings: AmqpSettings,
+        hostname: &str,
+        topology: Arc<Topology>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
         let rand = format!("{:08x}", fastrand::u32(..));
-        let instance = if host.is_empty() {
+        let instance = if hostname.is_empty() {
             rand
         } else {
-            format!("{}-{rand}", sanitize(&host))
+            format!("{}-{rand}", sanitize(hostname))
         };
         let broker = Arc::new_cyclic(|myself| Self {
             settings,

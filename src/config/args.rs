@@ -1,0 +1,130 @@
+//! Every setting as a command-line flag with its environment variable, default and help
+//! text (clap). What the values mean together, and which are refused, is `Config`'s job.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Server-Sent Events gateway for RabbitMQ / Mozilla Pulse (Taskcluster events protocol).
+#[derive(Parser, Clone)]
+#[command(name = "events-gateway", version, about)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    pub listen_address: IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, env = "PORT", default_value_t = 12345)]
+    pub port: u16,
+
+    /// Broker URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f. Overrides the PULSE_* set.
+    /// Without it and without PULSE_HOSTNAME the gateway runs on its embedded broker.
+    #[arg(long, env = "AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
+
+    /// Pulse user name (also names the queues: queue/<user>/…).
+    #[arg(long, env = "PULSE_USERNAME")]
+    pub pulse_username: Option<String>,
+
+    /// Pulse password.
+    #[arg(long, env = "PULSE_PASSWORD", hide_env_values = true)]
+    pub pulse_password: Option<String>,
+
+    /// Pulse host name; setting it selects the PULSE_* set.
+    #[arg(long, env = "PULSE_HOSTNAME")]
+    pub pulse_hostname: Option<String>,
+
+    /// Pulse virtual host.
+    #[arg(long, env = "PULSE_VHOST", default_value = "/")]
+    pub pulse_vhost: String,
+
+    /// Use TLS (amqps, port 5671) for Pulse.
+    #[arg(long, env = "PULSE_AMQPS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pulse_amqps: bool,
+
+    /// Queue name prefix; default queue/<user>/events-gateway (Pulse requires queue/<user>/).
+    #[arg(long, env = "QUEUE_PREFIX")]
+    pub queue_prefix: Option<String>,
+
+    /// Most SSE connections this process serves at once (keep it below the process's
+    /// open-file limit); more get 503.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
+    pub max_connections: usize,
+
+    /// A client must send its request head within this time (slow-header protection).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Embedded broker only: publish demo Taskcluster task events.
+    #[arg(long, env = "DEMO", default_value_t = true, action = clap::ArgAction::Set)]
+    pub demo: bool,
+
+    /// Embedded broker only: demo messages per second.
+    #[arg(long, env = "DEMO_RATE", default_value_t = 5.0)]
+    pub demo_rate: f64,
+
+    /// Most bindings one connection may ask for.
+    #[arg(long, env = "MAX_BINDINGS", default_value_t = 100)]
+    pub max_bindings: usize,
+
+    /// Comma-separated prefixes an exchange name must start with (empty: any).
+    #[arg(long, env = "ALLOWED_EXCHANGE_PREFIXES", default_value = "exchange/")]
+    pub allowed_exchange_prefixes: String,
+
+    /// Time between `ping` events, e.g. 20s.
+    #[arg(long, env = "PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// After a write to a client, how long further frames may wait to go out together in
+    /// one write (0: write each at once). Trades up to this much latency for less CPU.
+    #[arg(long, env = "WRITE_COALESCE", default_value = "10ms", value_parser = humantime::parse_duration)]
+    pub write_coalesce: Duration,
+
+    /// How long a client waits for the broker to confirm its bindings before an `error`.
+    #[arg(long, env = "READY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Frames a client may fall behind before it loses the oldest (per subscription).
+    #[arg(long, env = "SUBSCRIPTION_BUFFER", default_value_t = 1024)]
+    pub subscription_buffer: usize,
+
+    /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
+    #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]
+    pub queue_max_length: u32,
+
+    /// A queue without consumer is deleted by the broker after this long (x-expires).
+    #[arg(long, env = "QUEUE_EXPIRES", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub queue_expires: Duration,
+
+    /// How often each exchange in use is checked to still exist. The broker sends no
+    /// notice when an exchange is deleted: its bindings vanish silently, so its clients
+    /// would wait forever; a check that finds it gone ends their streams with an error.
+    #[arg(long, env = "EXCHANGE_CHECK_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub exchange_check_interval: Duration,
+
+    /// Unacknowledged deliveries per queue.
+    #[arg(long, env = "PREFETCH", default_value_t = 1000)]
+    pub prefetch: u16,
+
+    /// Value of Access-Control-Allow-Origin.
+    #[arg(long, env = "CORS_ORIGIN", default_value = "*")]
+    pub cors_origin: String,
+
+    /// On SIGTERM, time allowed to end streams, delete queues and exit.
+    #[arg(long, env = "SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. info or events_gateway=debug.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// Check the configuration, print what the binary reads and serves (settings, routes,
+    /// metrics) as JSON, and exit: what deploy/check.py compares the manifests against.
+    #[arg(long, hide = true)]
+    pub print_manifest: bool,
+}

@@ -1,0 +1,92 @@
+//! Unit tests of `config`.
+
+use super::*;
+
+fn parse(args: &[&str]) -> Result<Config, anyhow::Error> {
+    Config::parse_from(std::iter::once("events-gateway").chain(args.iter().copied()))
+}
+
+fn amqp(c: &Config) -> &AmqpSettings {
+    match &c.broker {
+        BrokerSettings::Amqp(a) => a,
+        BrokerSettings::Embedded(_) => panic!("expected AMQP settings"),
+    }
+}
+
+#[test]
+fn defaults_run_the_embedded_broker_with_the_demo() {
+    let c = parse(&[]).expect("defaults are valid");
+    assert_eq!(c.listen.port(), 12345);
+    assert!(matches!(
+        c.broker,
+        BrokerSettings::Embedded(Demo { enabled: true, .. })
+    ));
+    assert_eq!(c.limits.max_bindings, 100);
+    assert_eq!(c.max_connections, 15_000);
+    assert_eq!(c.ping_interval, Duration::from_secs(20));
+}
+
+#[test]
+fn amqp_url_selects_rabbitmq() {
+    let c = parse(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"]).expect("valid");
+    assert_eq!(amqp(&c).uri.authority.host, "127.0.0.1");
+    assert_eq!(amqp(&c).queue_prefix, "queue/guest/events-gateway");
+}
+
+#[test]
+fn pulse_settings_build_a_tls_url_and_hide_the_password() {
+    let c = parse(&[
+        "--pulse-hostname",
+        "pulse.example",
+        "--pulse-username",
+        "me",
+        "--pulse-password",
+        "s3cret",
+    ])
+    .expect("valid");
+    assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQPS);
+    assert_eq!(amqp(&c).uri.authority.port, 5671);
+    assert_eq!(amqp(&c).queue_prefix, "queue/me/events-gateway");
+    assert!(!format!("{c:?}").contains("s3cret"));
+}
+
+#[test]
+fn environment_comes_from_the_lookup_and_flags_win() {
+    let env: std::collections::HashMap<&str, &str> = [
+        ("PORT", "8080"),
+        ("PULSE_HOSTNAME", "pulse.example"),
+        ("PULSE_USERNAME", "me"),
+        ("PULSE_PASSWORD", "s3cret"),
+        ("PULSE_AMQPS", "false"),
+        ("PING_INTERVAL", "5s"),
+    ]
+    .into_iter()
+    .collect();
+    let lookup = |k: &str| env.get(k).map(|v| (*v).to_owned());
+    let c = Config::parse_with_env(["events-gateway", "--port", "9090"], lookup).expect("valid");
+    assert_eq!(c.listen.port(), 9090, "the flag wins");
+    assert_eq!(c.ping_interval, Duration::from_secs(5));
+    assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQP);
+    assert_eq!(amqp(&c).uri.authority.port, 5672);
+    let err = Config::parse_with_env(["events-gateway", "--help"], lookup)
+        .expect_err("help is an early exit");
+    assert!(
+        !err.to_string().contains("s3cret"),
+        "help never shows the password"
+    );
+    // With no lookup, nothing comes from the process environment.
+    let c = Config::parse_from(["events-gateway"]).expect("valid");
+    assert_eq!(c.listen.port(), 12345);
+}
+
+#[test]
+fn bad_settings_are_named_without_their_value() {
+    let err = parse(&["--amqp-url", "http://u:s3cret@[bad"]).expect_err("invalid");
+    assert_eq!(err.to_string(), ConfigError::BadAmqpUrl.to_string());
+    let err = parse(&["--pulse-hostname", "h"]).expect_err("no credentials");
+    assert_eq!(err.to_string(), ConfigError::PulseCredentials.to_string());
+    let err = parse(&["--max-bindings", "0"]).expect_err("zero");
+    assert_eq!(err.to_string(), "MAX_BINDINGS must be greater than zero");
+    let err = parse(&["--ping-interval", "1000years"]).expect_err("too long");
+    assert_eq!(err.to_string(), "PING_INTERVAL must be at most 24h");
+}
