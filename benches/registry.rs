@@ -12,6 +12,7 @@ use events_gateway::binding::{Binding, BindingSet};
 use events_gateway::broker::MemoryBroker;
 use events_gateway::metrics::Metrics;
 use events_gateway::registry::Registry;
+use events_gateway::subscription::{Fanout, StreamSettings};
 use events_gateway::topology::Topology;
 
 fn set(pattern: &str) -> BindingSet {
@@ -25,7 +26,8 @@ fn registry() -> Arc<Registry> {
     let metrics = Metrics::new();
     let topology = Arc::new(Topology::new(metrics.clone()));
     let broker = MemoryBroker::new(topology.clone());
-    Arc::new(Registry::new(topology, broker, 1024, metrics))
+    let fanout = Fanout::new(StreamSettings::default(), metrics.clone());
+    Arc::new(Registry::new(topology, broker, fanout, metrics))
 }
 
 fn bench(c: &mut Criterion) {

@@ -13,6 +13,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::binding::Limits;
 use crate::broker::AmqpSettings;
+use crate::subscription::{LogLimits, StreamSettings};
 
 mod args;
 
@@ -31,10 +32,9 @@ pub struct Config {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub limits: Limits,
-    pub ping_interval: Duration,
-    pub ready_timeout: Duration,
-    pub write_coalesce: Duration,
-    pub subscription_buffer: usize,
+    /// How streams are written (ping, ready timeout, coalescing, stall timeout, buffers).
+    pub stream: StreamSettings,
+    pub tcp_keepalive: Duration,
     pub cors_origin: String,
     pub shutdown_grace: Duration,
     pub log_level: String,
@@ -52,10 +52,8 @@ impl std::fmt::Debug for Config {
             .field("broker", &self.broker)
             .field("max_connections", &self.max_connections)
             .field("limits", &self.limits)
-            .field("ping_interval", &self.ping_interval)
-            .field("ready_timeout", &self.ready_timeout)
-            .field("write_coalesce", &self.write_coalesce)
-            .field("subscription_buffer", &self.subscription_buffer)
+            .field("stream", &self.stream)
+            .field("tcp_keepalive", &self.tcp_keepalive)
             .field("cors_origin", &self.cors_origin)
             .field("shutdown_grace", &self.shutdown_grace)
             .finish()
@@ -179,6 +177,9 @@ impl Config {
             ("MAX_BINDINGS", args.max_bindings),
             ("MAX_CONNECTIONS", args.max_connections),
             ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
+            ("SUBSCRIPTION_BUFFER_BYTES", args.subscription_buffer_bytes),
+            ("STALL_TIMEOUT", args.stall_timeout.as_millis() as usize),
+            ("TCP_KEEPALIVE", args.tcp_keepalive.as_secs() as usize),
             ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
             ("PREFETCH", args.prefetch as usize),
             ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
@@ -203,6 +204,8 @@ impl Config {
             ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
             ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
             ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
+            ("STALL_TIMEOUT", args.stall_timeout, DAY, "24h"),
+            ("TCP_KEEPALIVE", args.tcp_keepalive, DAY, "24h"),
             (
                 "EXCHANGE_CHECK_INTERVAL",
                 args.exchange_check_interval,
@@ -243,10 +246,18 @@ impl Config {
                 max_bindings: args.max_bindings,
                 allowed_exchange_prefixes,
             },
-            ping_interval: args.ping_interval,
-            ready_timeout: args.ready_timeout,
-            write_coalesce: args.write_coalesce,
-            subscription_buffer: args.subscription_buffer,
+            stream: StreamSettings {
+                ping_interval: args.ping_interval,
+                ready_timeout: args.ready_timeout,
+                write_coalesce: args.write_coalesce,
+                stall_timeout: args.stall_timeout,
+                log: LogLimits {
+                    max_frames: args.subscription_buffer,
+                    max_bytes: args.subscription_buffer_bytes,
+                    ..LogLimits::default()
+                },
+            },
+            tcp_keepalive: args.tcp_keepalive,
             cors_origin: args.cors_origin,
             shutdown_grace: args.shutdown_grace,
             log_level: args.log_level,

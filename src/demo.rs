@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::MissedTickBehavior;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::IntervalStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::MemoryBroker;
@@ -53,11 +55,12 @@ struct Task {
 pub async fn run(broker: Arc<MemoryBroker>, rate: f64, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut ticks = IntervalStream::new(tick);
     let mut tasks: VecDeque<Task> = VecDeque::new();
     let mut push = Push::new();
     loop {
         tokio::select! {
-            _ = tick.tick() => {}
+            Some(_) = ticks.next() => {}
             () = shutdown.cancelled() => return,
         }
         let advance = !tasks.is_empty() && (tasks.len() >= MAX_IN_FLIGHT || fastrand::bool());
@@ -221,6 +224,7 @@ mod tests {
     use crate::binding::{Binding, BindingSet};
     use crate::metrics::Metrics;
     use crate::registry::Registry;
+    use crate::subscription::{Fanout, StreamSettings};
     use crate::topology::Topology;
 
     #[tokio::test]
@@ -228,7 +232,8 @@ mod tests {
         let metrics = Metrics::new();
         let topology = Arc::new(Topology::new(metrics.clone()));
         let broker = MemoryBroker::new(topology.clone());
-        let registry = Arc::new(Registry::new(topology, broker.clone(), 1024, metrics));
+        let fanout = Fanout::new(StreamSettings::default(), metrics.clone());
+        let registry = Arc::new(Registry::new(topology, broker.clone(), fanout, metrics));
         let set = BindingSet::new(
             EXCHANGES
                 .iter()
@@ -238,19 +243,23 @@ mod tests {
                 })
                 .collect(),
         );
-        let mut client = registry.subscribe(set);
+        let client = registry.subscribe(set);
         client
             .ready(Duration::from_secs(1))
             .await
             .expect("embedded binds at once");
-        let mut rx = client.take_receiver().expect("receiver");
+        let subscription = client.subscription().expect("subscribed").clone();
         let shutdown = CancellationToken::new();
         tokio::spawn(run(broker, 1000.0, shutdown.clone()));
-        for _ in 0..20 {
-            let frame = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-                .await
-                .expect("demo publishes")
-                .expect("frame");
+        // The client's pinned position keeps every frame for it in the log.
+        let mut frames = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while frames.len() < 20 {
+            assert!(tokio::time::Instant::now() < deadline, "demo publishes");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            frames = subscription.read(client.position(), 20).expect("kept");
+        }
+        for frame in frames {
             let text = String::from_utf8(frame.bytes.to_vec()).expect("utf8");
             let data = text
                 .lines()

@@ -24,9 +24,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod binding;
 pub mod broker;
 pub mod config;
+pub mod connect;
 pub mod demo;
 pub mod http;
 pub mod manifest;
@@ -35,11 +37,11 @@ pub mod metrics;
 pub mod page;
 pub mod registry;
 pub mod server;
-pub mod sse;
 pub mod subscription;
 pub mod telemetry;
 pub mod topic;
 pub mod topology;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,6 +56,7 @@ use crate::broker::{AmqpBroker, Broker, MemoryBroker};
 use crate::config::BrokerSettings;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::subscription::Fanout;
 use crate::topology::Topology;
 
 /// How long a draining gateway keeps answering (503) before it closes its listener.
@@ -67,6 +70,7 @@ pub struct Running {
     server: tokio::task::JoinHandle<()>,
     broker: Broker,
     registry: Arc<Registry>,
+    fanout: Arc<Fanout>,
     stop_demo: CancellationToken,
     metrics: Metrics,
     grace: std::time::Duration,
@@ -102,28 +106,32 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Broker::Memory(broker)
         }
     };
+    let draining = CancellationToken::new();
+    let fanout = Fanout::with_draining(config.stream.clone(), metrics.clone(), draining.clone());
     let registry = Arc::new(Registry::new(
         topology,
         broker.reconciler(),
-        config.subscription_buffer,
+        fanout.clone(),
         metrics.clone(),
     ));
-    let draining = CancellationToken::new();
+    let cors_origin: warp::http::HeaderValue = config
+        .cors_origin
+        .parse()
+        .context("CORS_ORIGIN is not a valid header value")?;
+    let streams = Arc::new(connect::Streams {
+        registry: registry.clone(),
+        slots: admission::Slots::new(config.max_connections, metrics.clone()),
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        settings: config.stream.clone(),
+        cors_origin: cors_origin.clone(),
+        draining: draining.clone(),
+    });
     let state = Arc::new(http::State {
         registry: registry.clone(),
         broker: broker.clone(),
-        slots: sse::Slots::new(config.max_connections, metrics.clone()),
         metrics: metrics.clone(),
-        limits: config.limits.clone(),
-        stream: sse::StreamSettings {
-            ping_interval: config.ping_interval,
-            ready_timeout: config.ready_timeout,
-            write_coalesce: config.write_coalesce,
-        },
-        cors_origin: config
-            .cors_origin
-            .parse()
-            .context("CORS_ORIGIN is not a valid header value")?,
+        cors_origin,
         started: Instant::now(),
         draining: draining.clone(),
     });
@@ -134,9 +142,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = tokio::spawn(server::serve(
         listener,
         http::routes(state),
+        streams,
         server::Limits {
             header_read_timeout: config.header_read_timeout,
             grace: config.shutdown_grace,
+            keepalive: config.tcp_keepalive,
         },
         stop_server.clone(),
         metrics.clone(),
@@ -149,6 +159,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         server,
         broker,
         registry,
+        fanout,
         stop_demo,
         metrics,
         grace: config.shutdown_grace,
@@ -179,8 +190,8 @@ impl Running {
     pub async fn shutdown(self) {
         let started = Instant::now();
         tracing::info!("drain started");
-        // First the token (streams still waiting for `ready` poll it), then the marker
-        // through every subscription's channel (streaming ones wait on that): a stream
+        // First the token (streams still waiting for `ready` watch it), then the marker
+        // through every subscription's log (streaming ones read that): a stream
         // subscribing in between starts with the token already cancelled.
         self.draining.cancel();
         self.registry.announce_drain();
@@ -199,6 +210,8 @@ impl Running {
             tokio::time::timeout(self.grace / 2, streams_done)
         );
         self.stop_server.cancel();
+        // Streams still open (clients that did not take their reconnect frame) are cut.
+        self.fanout.closing.cancel();
         let left = self.grace.saturating_sub(started.elapsed());
         let _ = tokio::time::timeout(left, self.server).await;
         let left = self.grace.saturating_sub(started.elapsed());

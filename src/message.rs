@@ -10,32 +10,77 @@ use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
-/// A `message` frame as broadcast to a subscription's clients: the encoded bytes (shared,
-/// never copied per client) and when the delivery reached the gateway, for the fan-out
-/// latency histogram.
+/// A frame as a subscription's clients share it: the encoded bytes (never copied per
+/// client), what kind of frame it is, and when the delivery reached the gateway (for the
+/// fan-out latency histogram and the replay window's age).
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub bytes: Bytes,
     pub received: Instant,
+    pub kind: FrameKind,
+}
+
+/// What a frame does to a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A `message` event; it ends with `id: -`, which a resumable stream replaces with
+    /// the frame's position.
+    Message,
+    /// An SSE comment (a notice): no id.
+    Comment,
     /// The last frame of the stream (an `error` that ends it).
-    pub end: bool,
+    End,
     /// Not written: the gateway is draining, and each stream ends with a reconnect frame
-    /// of its own (its retry delay is jittered per client). It comes through the channel
-    /// the stream already waits on, so streaming costs no extra check per poll.
-    pub drain: bool,
+    /// of its own (its retry delay is jittered per client). It comes through the log the
+    /// stream already reads, so streaming costs no extra check.
+    Drain,
 }
 
 impl Frame {
+    /// A `message` frame.
+    pub fn message(bytes: Bytes, received: Instant) -> Self {
+        Self {
+            bytes,
+            received,
+            kind: FrameKind::Message,
+        }
+    }
+
+    /// An SSE comment frame.
+    pub fn comment(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            received: Instant::now(),
+            kind: FrameKind::Comment,
+        }
+    }
+
+    /// A frame that ends every stream that reads it (an `error` event).
+    pub fn end(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            received: Instant::now(),
+            kind: FrameKind::End,
+        }
+    }
+
     /// The marker sent to every subscription when the gateway starts draining.
     pub fn drain() -> Self {
         Self {
             bytes: Bytes::new(),
             received: Instant::now(),
-            end: true,
-            drain: true,
+            kind: FrameKind::Drain,
         }
     }
+
+    /// Whether the stream ends with this frame.
+    pub fn ends_stream(&self) -> bool {
+        matches!(self.kind, FrameKind::End | FrameKind::Drain)
+    }
 }
+
+/// The id line every frame of the original protocol ends with.
+pub const NO_ID: &[u8] = b"id: -\n\n";
 
 /// The `ready` frame (data `{}`), the same for everyone.
 pub const READY: &[u8] = b"event: ready\ndata: {}\nid: -\n\n";
@@ -122,6 +167,12 @@ pub fn missed_comment(exchange: &str) -> Bytes {
     Bytes::from(format!(
         ": messages on {exchange} may have been missed: the broker queue was lost and re-created\n\n"
     ))
+}
+
+/// The `retry:` delay sent when the server ends a stream on purpose: 0.5–5 s, jittered so
+/// that the clients of a draining replica do not all reconnect at the same instant.
+pub fn reconnect_delay_ms() -> u64 {
+    500 + fastrand::u64(..4500)
 }
 
 /// The last frame of a stream the server ends on purpose: the empty `id:` resets the

@@ -25,6 +25,8 @@ pub const HTTP_ERRORS: &[&str] = &[
     "head_too_large",
     "bad_request",
     "client_closed",
+    "stalled",
+    "unexpected_data",
     "other",
 ];
 
@@ -136,7 +138,7 @@ impl Metrics {
             http_errors: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_http_connection_errors_total",
-                    "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), other",
+                    "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), stalled (a stream whose socket took no byte for STALL_TIMEOUT), unexpected_data (a stream's client sent more than 4 KiB), other",
                 ),
                 &["kind"],
             )

@@ -1,5 +1,5 @@
 //! The subscription registry: clients with equal binding sets share one [`Subscription`]
-//! (one `tokio::sync::broadcast` channel), whatever their number.
+//! (one log of frames, one set of writers), whatever their number.
 //!
 //! Invariants enforced here:
 //! - a subscription exists exactly while at least one [`Client`] holds it: the count of
@@ -8,8 +8,9 @@
 //!   down;
 //! - the last client to leave removes the subscription from the [`Topology`], which makes
 //!   the broker side drop bindings no one uses any more;
-//! - fan-out never waits on a slow client: a broadcast send is O(1) in the number of
-//!   receivers, and a client that falls behind loses its oldest frames (`Lagged`).
+//! - a client reads every frame sent after it subscribed: its position in the
+//!   subscription's log is pinned from [`Registry::subscribe`] until its stream is
+//!   attached to a writer ([`Client::attach`]) or it leaves.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,13 +18,13 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 
 use crate::binding::BindingSet;
 use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::subscription::Subscription;
+use crate::subscription::{Conn, Fanout, Subscription};
 use crate::topology::{BindError, BindState, Topology};
 
 /// Every live subscription, keyed by its canonical binding set.
@@ -31,8 +32,8 @@ pub struct Registry {
     subscriptions: DashMap<Arc<BindingSet>, Arc<Subscription>>,
     topology: Arc<Topology>,
     broker: Arc<dyn Reconcile>,
-    /// Frames a client may fall behind before it loses the oldest (broadcast capacity).
-    buffer: usize,
+    /// What every subscription's writers share (settings, metrics, the stop signal).
+    fanout: Arc<Fanout>,
     metrics: Metrics,
 }
 
@@ -40,20 +41,21 @@ impl Registry {
     pub fn new(
         topology: Arc<Topology>,
         broker: Arc<dyn Reconcile>,
-        buffer: usize,
+        fanout: Arc<Fanout>,
         metrics: Metrics,
     ) -> Self {
         Self {
             subscriptions: DashMap::new(),
             topology,
             broker,
-            buffer: buffer.max(1),
+            fanout,
             metrics,
         }
     }
 
-    /// Joins (or creates) the subscription for `set`. The client starts receiving frames
-    /// at once; [`Client::ready`] tells when the broker has confirmed every binding.
+    /// Joins (or creates) the subscription for `set`. Every frame sent from now on is
+    /// kept for the client; [`Client::ready`] tells when the broker has confirmed every
+    /// binding.
     pub fn subscribe(self: &Arc<Self>, set: BindingSet) -> Client {
         let key = Arc::new(set);
         let (sub, changed) = match self.subscriptions.entry(key.clone()) {
@@ -66,7 +68,7 @@ impl Registry {
                 (sub, changed)
             }
             Entry::Vacant(v) => {
-                let sub = Arc::new(Subscription::new(key, self.buffer));
+                let sub = Arc::new(Subscription::new(key, self.fanout.clone()));
                 // Routed before the shard lock is released: a second client finding this
                 // subscription also finds its bindings in the topology.
                 let changed = self.topology.add(&sub);
@@ -79,12 +81,14 @@ impl Registry {
         for exchange in changed {
             self.broker.exchange_changed(&exchange);
         }
-        let receiver = sub.receiver();
+        let pinned_at = sub.pin();
         let statuses = self.topology.statuses(&sub);
         Client {
-            registry: self.clone(),
-            subscription: sub,
-            receiver: Some(receiver),
+            member: Some(Member {
+                registry: self.clone(),
+                subscription: sub,
+            }),
+            pinned_at,
             statuses,
         }
     }
@@ -123,18 +127,46 @@ impl Registry {
     }
 }
 
-/// One client's hold on a subscription; dropping it leaves the subscription.
-pub struct Client {
+/// A client's membership of a subscription; dropping it leaves the subscription (the
+/// last member to leave removes it).
+pub struct Member {
     registry: Arc<Registry>,
     subscription: Arc<Subscription>,
-    receiver: Option<broadcast::Receiver<Frame>>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.registry.release(&self.subscription);
+    }
+}
+
+/// A client that subscribed and is not streaming yet: its membership, its pinned position
+/// in the log, and the broker state of its bindings. Dropping it leaves the subscription.
+pub struct Client {
+    /// `None` once attached.
+    member: Option<Member>,
+    pinned_at: u64,
     statuses: Vec<watch::Receiver<BindState>>,
 }
 
 impl Client {
-    /// Takes the client's receiver of frames (once).
-    pub fn take_receiver(&mut self) -> Option<broadcast::Receiver<Frame>> {
-        self.receiver.take()
+    /// The subscription joined.
+    pub fn subscription(&self) -> Option<&Arc<Subscription>> {
+        self.member.as_ref().map(|m| &m.subscription)
+    }
+
+    /// The log position the client reads from (every frame sent after it subscribed).
+    pub fn position(&self) -> u64 {
+        self.pinned_at
+    }
+
+    /// Hands the client's stream to the subscription's writers: `conn` builds it from the
+    /// membership (which it must hold for as long as it streams).
+    pub fn attach(mut self, conn: impl FnOnce(Member) -> Conn) {
+        if let Some(member) = self.member.take() {
+            let subscription = member.subscription.clone();
+            subscription.attach(conn(member), self.pinned_at);
+        }
     }
 
     /// Waits until the broker has confirmed every binding, or one was refused, or
@@ -166,7 +198,9 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        self.registry.release(&self.subscription);
+        if let Some(member) = &self.member {
+            member.subscription.unpin(self.pinned_at);
+        }
     }
 }
 
@@ -201,10 +235,14 @@ mod tests {
         let metrics = Metrics::new();
         let topology = Arc::new(Topology::new(metrics.clone()));
         let recorder = Arc::new(Recorder::default());
+        let fanout = Fanout::new(
+            crate::subscription::StreamSettings::default(),
+            metrics.clone(),
+        );
         let registry = Arc::new(Registry::new(
             topology.clone(),
             recorder.clone(),
-            16,
+            fanout,
             metrics,
         ));
         (registry, topology, recorder)
@@ -216,7 +254,10 @@ mod tests {
         let a = registry.subscribe(set(&[("exchange/x", "a.#"), ("exchange/y", "#")]));
         let b = registry.subscribe(set(&[("exchange/y", "#"), ("exchange/x", "a.#")]));
         assert_eq!(registry.len(), 1);
-        assert!(Arc::ptr_eq(&a.subscription, &b.subscription));
+        assert!(Arc::ptr_eq(
+            a.subscription().expect("subscribed"),
+            b.subscription().expect("subscribed")
+        ));
         assert_eq!(topology.wanted("exchange/x"), vec!["a.#".to_owned()]);
         assert_eq!(recorder.0.lock().expect("lock").len(), 2);
 

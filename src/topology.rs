@@ -269,23 +269,16 @@ impl Topology {
             return 0;
         }
         let frame = match msg.encode() {
-            Ok(bytes) => Frame {
-                bytes,
-                received,
-                end: false,
-                drain: false,
-            },
+            Ok(bytes) => Frame::message(bytes, received),
             Err(err) => {
                 self.metrics.dropped("malformed", 1);
                 log_malformed(exchange, msg.routing_key, &err);
                 return 0;
             }
         };
-        let mut delivered = 0;
         for sub in &targets {
-            delivered += sub.send(frame.clone());
+            sub.send(frame.clone());
         }
-        self.metrics.messages_delivered.inc_by(delivered as u64);
         targets.len()
     }
 }
@@ -293,16 +286,16 @@ impl Topology {
 impl Topology {
     /// Sends `comment` (an SSE comment frame) to every subscription bound on `exchange`.
     pub fn notice(&self, exchange: &str, comment: Bytes) {
-        self.broadcast_to_exchange(exchange, comment, false);
+        self.broadcast_to_exchange(exchange, Frame::comment(comment));
     }
 
     /// Ends the streams of every subscription bound on `exchange` with an `error` event
     /// (`text`): for clients already streaming when the broker refuses the exchange.
     pub fn fail_streams(&self, exchange: &str, text: &str) {
-        self.broadcast_to_exchange(exchange, crate::message::error_frame(text), true);
+        self.broadcast_to_exchange(exchange, Frame::end(crate::message::error_frame(text)));
     }
 
-    fn broadcast_to_exchange(&self, exchange: &str, bytes: Bytes, end: bool) {
+    fn broadcast_to_exchange(&self, exchange: &str, frame: Frame) {
         let mut targets: Vec<Arc<Subscription>> = Vec::new();
         {
             let map = self.read();
@@ -312,12 +305,6 @@ impl Topology {
             }
         }
         dedup_by_identity(&mut targets);
-        let frame = Frame {
-            bytes,
-            received: Instant::now(),
-            end,
-            drain: false,
-        };
         for sub in targets {
             sub.send(frame.clone());
         }

@@ -89,6 +89,21 @@ pub struct Args {
     #[arg(long, env = "SUBSCRIPTION_BUFFER", default_value_t = 1024)]
     pub subscription_buffer: usize,
 
+    /// Bytes of frames a subscription keeps for clients that fall behind, e.g. 8MiB; the
+    /// oldest go first beyond it.
+    #[arg(long, env = "SUBSCRIPTION_BUFFER_BYTES", default_value = "8MiB", value_parser = parse_bytes)]
+    pub subscription_buffer_bytes: usize,
+
+    /// A stream whose socket takes no byte for this long while it has bytes to write is
+    /// ended (a client that stopped reading holds no connection slot forever).
+    #[arg(long, env = "STALL_TIMEOUT", default_value = "40s", value_parser = humantime::parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// Idle time before TCP keepalive probes on client connections (a peer that vanished
+    /// without closing is noticed by the kernel).
+    #[arg(long, env = "TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+
     /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
     #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]
     pub queue_max_length: u32,
@@ -127,4 +142,33 @@ pub struct Args {
     /// metrics) as JSON, and exit: what deploy/check.py compares the manifests against.
     #[arg(long, hide = true)]
     pub print_manifest: bool,
+}
+
+/// A size such as `8MiB`, `512KiB`, `64kB` or `1048576` (bytes).
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size such as 8MiB"))?;
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "kB" | "KB" => 1000,
+        "KiB" => 1024,
+        "MB" => 1000 * 1000,
+        "MiB" => 1024 * 1024,
+        "GB" => 1000 * 1000 * 1000,
+        "GiB" => 1024 * 1024 * 1024,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (B, KiB, MiB, GiB, kB, MB, GB)"
+            ));
+        }
+    };
+    number
+        .checked_mul(unit)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

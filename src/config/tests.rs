@@ -23,7 +23,7 @@ fn defaults_run_the_embedded_broker_with_the_demo() {
     ));
     assert_eq!(c.limits.max_bindings, 100);
     assert_eq!(c.max_connections, 15_000);
-    assert_eq!(c.ping_interval, Duration::from_secs(20));
+    assert_eq!(c.stream.ping_interval, Duration::from_secs(20));
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn environment_comes_from_the_lookup_and_flags_win() {
     let lookup = |k: &str| env.get(k).map(|v| (*v).to_owned());
     let c = Config::parse_with_env(["events-gateway", "--port", "9090"], lookup).expect("valid");
     assert_eq!(c.listen.port(), 9090, "the flag wins");
-    assert_eq!(c.ping_interval, Duration::from_secs(5));
+    assert_eq!(c.stream.ping_interval, Duration::from_secs(5));
     assert_eq!(amqp(&c).uri.scheme, AMQPScheme::AMQP);
     assert_eq!(amqp(&c).uri.authority.port, 5672);
     let err = Config::parse_with_env(["events-gateway", "--help"], lookup)

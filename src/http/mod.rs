@@ -13,7 +13,7 @@
 //! | `OPTIONS *` | CORS preflight | [`preflight`] |
 //!
 //! Every response carries the CORS and security headers Taskcluster's lib-api sends
-//! ([`add_common_headers`]); every rejection is mapped to a status in one place
+//! ([`crate::wire::add_common_headers`]); every rejection is mapped to a status in one place
 //! ([`rejection_response`]).
 
 mod connect;
@@ -24,15 +24,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection};
 
-use crate::binding::Limits;
 use crate::broker::Broker;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::sse::{Slots, StreamSettings};
 
 pub use connect::CONNECT_PATHS;
 pub use health::BUILD_ENV;
@@ -59,11 +57,7 @@ pub struct PeerAddr(pub std::net::SocketAddr);
 pub struct State {
     pub registry: Arc<Registry>,
     pub broker: Broker,
-    /// Admission of SSE connections (MAX_CONNECTIONS).
-    pub slots: Arc<Slots>,
     pub metrics: Metrics,
-    pub limits: Limits,
-    pub stream: StreamSettings,
     pub cors_origin: HeaderValue,
     pub started: Instant,
     /// Cancelled when the process starts draining.
@@ -83,7 +77,7 @@ pub fn routes(
     state: Arc<State>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let cors = state.cors_origin.clone();
-    connect::route(state.clone())
+    connect::route()
         .or(page())
         .unify()
         .or(health::ping(state.clone()))
@@ -103,7 +97,7 @@ pub fn routes(
         .recover(rejection_response)
         .unify()
         .map(move |mut resp: Response| {
-            add_common_headers(resp.headers_mut(), &cors);
+            crate::wire::add_common_headers(resp.headers_mut(), &cors);
             resp
         })
 }
@@ -179,37 +173,4 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response {
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     resp
-}
-
-/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
-pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
-    // The page sets its own policy (see `page`); everything else allows nothing.
-    if !h.contains_key("content-security-policy") {
-        h.insert(
-            "content-security-policy",
-            HeaderValue::from_static(
-                "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
-            ),
-        );
-    }
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert("access-control-allow-origin", cors_origin.clone());
-    h.insert("access-control-max-age", HeaderValue::from_static("900"));
-    h.insert(
-        "access-control-allow-methods",
-        HeaderValue::from_static("OPTIONS,GET,HEAD,POST,PUT,DELETE,TRACE,CONNECT"),
-    );
-    h.insert(
-        "access-control-request-method",
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        "access-control-allow-headers",
-        HeaderValue::from_static(
-            "X-Requested-With,Content-Type,Authorization,Accept,Origin,Cache-Control",
-        ),
-    );
 }

@@ -1,0 +1,319 @@
+//! A connect request (`GET /api/events/v1/connect/?bindings=…`) on a socket the server
+//! loop hands over after reading its head: the original's answers to a reconnecting
+//! client (204), a draining server (a reconnect frame), a full server (503) and bad input
+//! (an `error` event); otherwise the stream: the response head at once, `ready` once the
+//! broker confirmed every binding, then the socket goes to the subscription's writers.
+//!
+//! Invariants:
+//! - the response head is written before anything waits on the broker;
+//! - the client's position in the subscription's log is taken when it subscribes, so a
+//!   frame sent while it waits for `ready` is written after `ready`, not lost;
+//! - no write here waits longer than the stall timeout on a client that does not read;
+//! - a client that leaves, or a gateway that drains, while the stream waits for `ready`
+//!   ends the wait at once.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+
+use crate::admission::{Slot, Slots};
+use crate::binding::{self, Limits};
+use crate::message::{self, READY};
+use crate::metrics::Metrics;
+use crate::registry::{Client, Registry};
+use crate::subscription::{Conn, Lease, StreamSettings};
+use crate::topology::BindError;
+use crate::wire::{self, LAST_CHUNK, RequestHead, Version};
+
+/// What connect requests share.
+pub struct Streams {
+    pub registry: Arc<Registry>,
+    pub slots: Arc<Slots>,
+    pub metrics: Metrics,
+    pub limits: Limits,
+    pub settings: StreamSettings,
+    pub cors_origin: HeaderValue,
+    /// Cancelled when the process starts draining.
+    pub draining: CancellationToken,
+}
+
+/// What becomes of the connection after a connect request.
+pub enum After {
+    /// Answered; the connection may carry another request.
+    KeepAlive(TcpStream),
+    /// Closed, or streaming (the socket now belongs to the subscription's writers).
+    Done,
+}
+
+/// The reason a stream ended before `ready`.
+enum Waited {
+    Ready,
+    Refused(BindError),
+    Draining,
+    ClientGone,
+}
+
+impl Streams {
+    /// Serves one connect request on `socket`.
+    pub async fn serve(&self, mut socket: TcpStream, head: RequestHead, peer: SocketAddr) -> After {
+        let reusable = head.keep_alive() && !head.has_body();
+        // The original gives up reconnecting clients this way: every event has `id: -`,
+        // so an EventSource that lost its stream comes back with `Last-Event-Id` and gets
+        // 204, after which it stops for good.
+        if head.headers.contains_key("last-event-id") {
+            self.metrics.connection("no_content");
+            let mut headers = self.headers();
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("no-store no-cache must-revalidate"),
+            );
+            let answer = wire::response(
+                head.version,
+                StatusCode::NO_CONTENT,
+                &headers,
+                b"",
+                reusable,
+            );
+            return self.answer(socket, &answer, reusable).await;
+        }
+        if self.draining.is_cancelled() {
+            // Not a 503: EventSource gives up for good on any non-200 answer. The
+            // reconnect frame sends the browser elsewhere (another replica) after a
+            // jittered delay.
+            self.metrics.connection("draining");
+            let frame = message::reconnect_frame(message::reconnect_delay_ms());
+            return self
+                .short_stream(socket, head.version, &frame, reusable)
+                .await;
+        }
+        let Some(slot) = self.slots.try_take() else {
+            self.metrics.connection("over_limit");
+            let body = serde_json::json!({"code": "TooManyConnections", "message": "This server has reached its connection limit; try again later."}).to_string();
+            let mut headers = self.headers();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json; charset=utf-8"),
+            );
+            let answer = wire::response(
+                head.version,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &headers,
+                body.as_bytes(),
+                reusable,
+            );
+            return self.answer(socket, &answer, reusable).await;
+        };
+        let set = match binding::parse_query(head.query.as_deref(), &self.limits) {
+            Ok(set) => set,
+            Err(err) => {
+                self.metrics.connection("bad_input");
+                tracing::debug!(%peer, error = %err, "refused bindings");
+                let frame = message::error_frame(&err.to_string());
+                drop(slot);
+                return self
+                    .short_stream(socket, head.version, &frame, reusable)
+                    .await;
+            }
+        };
+        let span = tracing::info_span!("connection", %peer, bindings = set.len());
+        tracing::debug!(parent: &span, "client connected");
+        let connected_at = Instant::now();
+        let client = self.registry.subscribe(set);
+        let mut ready = Box::pin(client.ready(self.settings.ready_timeout));
+        // Already bound (the common case): the head and `ready` leave in one write.
+        let immediate = ready.as_mut().now_or_never();
+        let mut out = wire::stream_head(head.version, &self.stream_headers());
+        if matches!(immediate, Some(Ok(()))) {
+            wire::push_chunk(&mut out, head.version, READY);
+        }
+        if !self.write(&mut socket, &out).await {
+            self.metrics.connection("client_gone");
+            return After::Done;
+        }
+        let ready_written = matches!(immediate, Some(Ok(())));
+        let waited = match immediate {
+            Some(Ok(())) => Waited::Ready,
+            Some(Err(err)) => Waited::Refused(err),
+            None => self.wait_ready(&mut socket, ready).await,
+        };
+        match waited {
+            Waited::Ready => {
+                if !ready_written {
+                    let mut out = Vec::new();
+                    wire::push_chunk(&mut out, head.version, READY);
+                    if !self.write(&mut socket, &out).await {
+                        self.metrics.connection("client_gone");
+                        return After::Done;
+                    }
+                }
+                tracing::debug!(parent: &span, "ready");
+                self.metrics.connection("ready");
+                self.metrics
+                    .time_to_ready
+                    .observe(connected_at.elapsed().as_secs_f64());
+                self.stream(client, socket, peer, head.version, slot);
+                After::Done
+            }
+            Waited::Refused(err) => {
+                tracing::debug!(parent: &span, error = %err, "ended with an error");
+                self.metrics.connection(match err {
+                    BindError::Timeout => "timeout",
+                    _ => "broker_error",
+                });
+                drop(client);
+                let frame = message::error_frame(&err.to_string());
+                self.end_stream(socket, head.version, &frame, reusable)
+                    .await
+            }
+            Waited::Draining => {
+                self.metrics.connection("draining");
+                drop(client);
+                let frame = message::reconnect_frame(message::reconnect_delay_ms());
+                self.end_stream(socket, head.version, &frame, reusable)
+                    .await
+            }
+            Waited::ClientGone => {
+                tracing::debug!(parent: &span, "client left before ready");
+                self.metrics.connection("client_gone");
+                After::Done
+            }
+        }
+    }
+
+    /// Waits for `ready`, a drain, or the client leaving, whichever comes first.
+    async fn wait_ready(
+        &self,
+        socket: &mut TcpStream,
+        ready: std::pin::Pin<Box<impl Future<Output = Result<(), BindError>>>>,
+    ) -> Waited {
+        tokio::select! {
+            result = ready => match result {
+                Ok(()) => Waited::Ready,
+                Err(err) => Waited::Refused(err),
+            },
+            () = self.draining.cancelled() => Waited::Draining,
+            () = client_gone(socket) => Waited::ClientGone,
+        }
+    }
+
+    /// Hands the stream to the subscription's writers.
+    fn stream(
+        &self,
+        client: Client,
+        socket: TcpStream,
+        peer: SocketAddr,
+        version: Version,
+        slot: Slot,
+    ) {
+        let next_ping = Instant::now() + self.settings.ping_interval;
+        let next = client.position();
+        client.attach(|member| {
+            let lease: Lease = Box::new((member, slot));
+            Conn::new(socket, peer, version, false, next, next_ping, lease)
+        });
+    }
+
+    /// A stream that is one frame long: the head, `frame`, the end.
+    async fn short_stream(
+        &self,
+        socket: TcpStream,
+        version: Version,
+        frame: &Bytes,
+        reusable: bool,
+    ) -> After {
+        let mut out = wire::stream_head(version, &self.stream_headers());
+        wire::push_chunk(&mut out, version, frame);
+        if version.chunked() {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        self.answer(socket, &out, reusable && version.chunked())
+            .await
+    }
+
+    /// Ends a stream whose head was written with `frame`.
+    async fn end_stream(
+        &self,
+        socket: TcpStream,
+        version: Version,
+        frame: &Bytes,
+        reusable: bool,
+    ) -> After {
+        let mut out = Vec::new();
+        wire::push_chunk(&mut out, version, frame);
+        if version.chunked() {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        self.answer(socket, &out, reusable && version.chunked())
+            .await
+    }
+
+    /// Writes a complete answer; the connection stays for another request if `reusable`.
+    async fn answer(&self, mut socket: TcpStream, bytes: &[u8], reusable: bool) -> After {
+        if !self.write(&mut socket, bytes).await {
+            return After::Done;
+        }
+        if reusable {
+            After::KeepAlive(socket)
+        } else {
+            let _ = socket.shutdown().await;
+            After::Done
+        }
+    }
+
+    /// Writes `bytes`, within the stall timeout. Returns whether it did.
+    async fn write(&self, socket: &mut TcpStream, bytes: &[u8]) -> bool {
+        matches!(
+            tokio::time::timeout(self.settings.stall_timeout, socket.write_all(bytes)).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Every response's headers (CORS and security, as Taskcluster's lib-api).
+    fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        wire::add_common_headers(&mut headers, &self.cors_origin);
+        headers
+    }
+
+    /// A stream's headers.
+    fn stream_headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        wire::add_common_headers(&mut headers, &self.cors_origin);
+        headers
+    }
+}
+
+/// Completes when the client closes its side (or sends something it should not: a stream
+/// request has nothing more to say, and its bytes are read and dropped).
+async fn client_gone(socket: &TcpStream) {
+    let mut buf = [0u8; 256];
+    let mut junk = 0usize;
+    loop {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        match socket.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                junk += n;
+                if junk > 4096 {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The HTTP server loop: accepts TCP connections, reads each request head, and hands the
+//! connection to whoever serves it.
+//!
+//! - A connect request (`GET` on a connect path) is served by [`crate::connect`]: once its
+//!   head is written, the stream leaves every per-connection HTTP machinery behind (no
+//!   read or write buffers, no task of its own) and its socket is written by the
+//!   subscription's writers. An idle stream costs its socket and a few hundred bytes.
+//! - Every other request is served by hyper with the warp routes, from the bytes read so
+//!   far on. hyper serves that one request and closes the connection (`Connection:
+//!   close`), so that every connection's first request decides who serves it.
+//!
+//! We run our own loop rather than `warp::serve` for that split, and to set the limits an
+//! exposed service needs: a header read timeout against slow-header clients, a bound on
+//! the request head (and so on the query string), TCP keepalive on every socket, the peer
+//! address for the routes, and a client that goes away logged at debug, not as an error.
+
+mod head;
+mod rewind;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tower_service::Service;
+use warp::Filter;
+use warp::reply::Response;
+
+pub use head::MAX_HEAD_BYTES;
+
+use crate::connect::{After, Streams};
+use crate::http::PeerAddr;
+use crate::metrics::Metrics;
+use head::Head;
+use rewind::Rewind;
+
+/// Limits of the HTTP side.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// A client must send its whole request head within this time (slow-header clients
+    /// are disconnected).
+    pub header_read_timeout: Duration,
+    /// After shutdown, how long open connections may take to finish.
+    pub grace: Duration,
+    /// TCP keepalive on accepted sockets: idle time before the first probe. A peer that
+    /// vanished without a FIN (a dead host, a dropped NAT entry) is then noticed by the
+    /// kernel even on a stream with nothing to write.
+    pub keepalive: Duration,
+}
+
+/// Connections the kernel queues for `accept` (tokio's default is 1024): a ramp of
+/// thousands of clients per second must not overflow it, or SYNs are dropped and those
+/// clients wait a second for their retransmission.
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the listening socket (SO_REUSEADDR, so a restart can bind at once).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// What every connection of the server shares.
+struct Server<F> {
+    routes: F,
+    streams: Arc<Streams>,
+    limits: Limits,
+    metrics: Metrics,
+    /// Cancelled when the server stops: a connection waiting for its next request closes,
+    /// and hyper finishes the request it is serving, if any, then closes.
+    stopping: CancellationToken,
+}
+
+/// Serves until `shutdown` is cancelled, then lets connections still being answered
+/// finish for at most `grace` (streams end by themselves when the gateway drains).
+pub async fn serve<F>(
+    listener: TcpListener,
+    routes: F,
+    streams: Arc<Streams>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    metrics: Metrics,
+) where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    let server = Arc::new(Server {
+        routes,
+        streams,
+        limits,
+        metrics,
+        stopping: shutdown.clone(),
+    });
+    let mut connections = JoinSet::new();
+    loop {
+        let (socket, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Usually EMFILE (out of file descriptors): back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        connections.spawn(server.clone().connection(socket, peer));
+        // Reap finished connection tasks so the set does not grow with every connection.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let finished = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(server.limits.grace, finished)
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the grace period; closing them");
+    }
+}
+
+impl<F> Server<F>
+where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    /// Serves one connection: connect requests here, as long as the client keeps the
+    /// connection for more of them; anything else by hyper.
+    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr) {
+        tune(&socket, self.limits.keepalive);
+        let mut socket = socket;
+        let mut buf = BytesMut::new();
+        loop {
+            let head = tokio::select! {
+                head = head::read(&mut socket, &mut buf, self.limits.header_read_timeout) => head,
+                // An idle connection (kept alive after an answer) closes with the server.
+                () = self.stopping.cancelled(), if buf.is_empty() => return,
+            };
+            match head {
+                Head::Connect(head) => match self.streams.serve(socket, head, peer).await {
+                    After::KeepAlive(kept) => socket = kept,
+                    After::Done => return,
+                },
+                Head::Other => return self.hyper(Rewind::new(buf.freeze(), socket), peer).await,
+                Head::TimedOut => {
+                    self.metrics.http_error("header_timeout");
+                    tracing::debug!(%peer, "request head not sent in time");
+                    return;
+                }
+                Head::Closed => return,
+            }
+        }
+    }
+
+    /// Serves the connection's next request with hyper and the warp routes, then closes.
+    async fn hyper(&self, io: Rewind, peer: SocketAddr) {
+        let service = warp::service(self.routes.clone());
+        let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            let mut service = service.clone();
+            service.call(req)
+        });
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.limits.header_read_timeout)
+            .max_header_size(MAX_HEAD_BYTES)
+            .max_buf_size(MAX_HEAD_BYTES.max(8192))
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(io), hyper_service);
+        let mut conn = std::pin::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            () = self.stopping.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(err) = result {
+            let kind = if err.is_timeout() {
+                "header_timeout"
+            } else if err.is_parse_too_large() {
+                "head_too_large"
+            } else if err.is_parse() {
+                "bad_request"
+            } else if err.is_incomplete_message() || err.is_canceled() || err.is_closed() {
+                "client_closed"
+            } else {
+                "other"
+            };
+            self.metrics.http_error(kind);
+            tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
+        }
+    }
+}
+
+/// Small writes go out at once (no Nagle delay); TCP keepalive notices dead peers.
+fn tune(socket: &TcpStream, keepalive: Duration) {
+    let _ = socket.set_nodelay(true);
+    let probe = socket2::TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(
+            keepalive
+                .min(Duration::from_secs(10))
+                .max(Duration::from_secs(1)),
+        );
+    let _ = socket2::SockRef::from(socket).set_tcp_keepalive(&probe);
+}

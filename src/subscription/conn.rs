@@ -1,0 +1,508 @@
+//! One client's stream inside a writer shard: its socket, its position in the log, the
+//! rest of a write its socket did not take, and its ping clock.
+//!
+//! Invariants:
+//! - a write is one HTTP/1.1 chunk (or raw bytes on HTTP/1.0); when the socket takes only
+//!   part of it, the rest is kept as shared `Bytes` (slices of the log's frames, never
+//!   copies of them) and written before anything else: the framing never breaks;
+//! - the kept rest is one write's worth at most ([`MAX_FRAMES_PER_WRITE`],
+//!   [`MAX_WRITE_BYTES`]); a client further behind only holds a position in the log;
+//! - a client that closes its side, sends more than [`MAX_JUNK_BYTES`], or takes no byte
+//!   for the stall timeout while it has bytes waiting, is dropped.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use crate::message::{self, Frame, FrameKind, NO_ID};
+use crate::wire::{self, CHUNK_END, LAST_CHUNK, Version};
+
+/// Most frames one write carries.
+pub const MAX_FRAMES_PER_WRITE: usize = 64;
+/// A write stops taking frames past this many bytes (one frame at least).
+pub const MAX_WRITE_BYTES: usize = 256 * 1024;
+/// Bytes a streaming client may send (it has nothing to say) before it is dropped.
+const MAX_JUNK_BYTES: usize = 4096;
+/// Parts of one write: chunk head, lag notice, frames (each with its id), ping, end.
+const MAX_PARTS: usize = 2 * MAX_FRAMES_PER_WRITE + 8;
+
+/// What a connection holds for as long as it lives (its registry membership, its
+/// admission slot); dropped with it.
+pub type Lease = Box<dyn Send + Sync>;
+
+/// One client's stream (see the module doc).
+pub struct Conn {
+    socket: TcpStream,
+    peer: SocketAddr,
+    version: Version,
+    resumable: bool,
+    /// Log position of the next frame to write.
+    next: u64,
+    /// The rest of a write the socket did not take whole.
+    pending: VecDeque<Bytes>,
+    /// The stream ends once `pending` is written.
+    ending: bool,
+    next_ping: Instant,
+    /// When the socket last took a byte, or since when it has had bytes waiting.
+    last_progress: Instant,
+    junk: usize,
+    _lease: Lease,
+}
+
+/// Why a connection left its shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gone {
+    /// The client closed its side or the socket failed.
+    Closed,
+    /// The stream ended (an `error`, or the drain's reconnect frame) and was written.
+    Ended,
+    /// Its socket took no byte for the stall timeout.
+    Stalled,
+    /// It sent bytes on a stream that only writes.
+    Misbehaved,
+}
+
+/// What a pass offers every client of a shard.
+pub struct PassView<'a> {
+    pub now: Instant,
+    /// A ping due before this is written now (pings due close together share a pass).
+    pub ping_due_by: Instant,
+    /// Frames from `first` on (a copy of the log's, taken this pass).
+    pub frames: &'a [Frame],
+    pub first: u64,
+    /// The log's oldest position: a client before it has lagged.
+    pub log_first: u64,
+    /// Frames up to this position may be written now (the rest waits for the end of the
+    /// coalescing window).
+    pub writable_until: u64,
+    /// `id:` lines of resumable streams, one per frame (empty without resumable clients).
+    pub ids: &'a [Bytes],
+    /// A `ping` frame for clients whose ping is due (and its `id` for resumable ones).
+    pub ping: &'a dyn Fn(&Conn) -> Bytes,
+    pub ping_interval: std::time::Duration,
+    pub stall_timeout: std::time::Duration,
+    /// The gateway is draining (looked at only by a client that lagged).
+    pub draining: &'a dyn Fn() -> bool,
+}
+
+/// What one pass did with one client.
+pub enum Step {
+    /// Still streaming; `more`: it has writable frames left (a write was full).
+    Keep {
+        more: bool,
+    },
+    Gone(Gone),
+}
+
+/// What went into a write, for the caller's metrics.
+#[derive(Default)]
+pub struct Written {
+    /// Message frames written, and when each reached the gateway.
+    pub frames: Vec<Instant>,
+    /// Frames the client had lost to the log's bounds.
+    pub missed: u64,
+}
+
+impl Conn {
+    /// A stream whose `ready` is written, reading from log position `next`.
+    pub fn new(
+        socket: TcpStream,
+        peer: SocketAddr,
+        version: Version,
+        resumable: bool,
+        next: u64,
+        next_ping: Instant,
+        lease: Lease,
+    ) -> Self {
+        Self {
+            socket,
+            peer,
+            version,
+            resumable,
+            next,
+            pending: VecDeque::new(),
+            ending: false,
+            next_ping,
+            last_progress: Instant::now(),
+            junk: 0,
+            _lease: lease,
+        }
+    }
+
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn resumable(&self) -> bool {
+        self.resumable
+    }
+
+    /// When this connection next needs a pass for itself (ping, or stall deadline).
+    pub fn deadline(&self, stall_timeout: std::time::Duration) -> Instant {
+        if self.pending.is_empty() {
+            self.next_ping
+        } else {
+            self.last_progress + stall_timeout
+        }
+    }
+
+    /// Whether the client lags behind frames it may write now.
+    pub fn behind(&self, writable_until: u64) -> bool {
+        self.pending.is_empty() && self.next < writable_until
+    }
+
+    /// One pass: notice a closed or misbehaving client, finish a pending write, then write
+    /// what is due (frames, a lag notice, a ping, the end of the stream).
+    pub fn pass(&mut self, cx: &mut Context<'_>, view: &PassView<'_>, out: &mut Written) -> Step {
+        if let Err(gone) = self.check_read_side(cx) {
+            return Step::Gone(gone);
+        }
+        match self.flush_pending(cx, view) {
+            Ok(true) => {}
+            Ok(false) => return Step::Keep { more: false },
+            Err(gone) => return Step::Gone(gone),
+        }
+        if self.ending {
+            return Step::Gone(Gone::Ended);
+        }
+        let ping_due = view.ping_due_by >= self.next_ping;
+        if self.next >= view.writable_until && !ping_due {
+            return Step::Keep { more: false };
+        }
+        match self.write_due(cx, view, ping_due, out) {
+            Ok(()) if self.ending && self.pending.is_empty() => Step::Gone(Gone::Ended),
+            Ok(()) => Step::Keep {
+                more: self.behind(view.writable_until),
+            },
+            Err(gone) => Step::Gone(gone),
+        }
+    }
+
+    /// Reads what the client sent (it should send nothing): end of stream means gone.
+    /// Registers the task for the next read readiness.
+    fn check_read_side(&mut self, cx: &mut Context<'_>) -> Result<(), Gone> {
+        let mut buf = [0u8; 256];
+        loop {
+            match self.socket.poll_read_ready(cx) {
+                Poll::Pending => return Ok(()),
+                Poll::Ready(Err(_)) => return Err(Gone::Closed),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.socket.try_read(&mut buf) {
+                Ok(0) => return Err(Gone::Closed),
+                Ok(n) => {
+                    self.junk += n;
+                    if self.junk > MAX_JUNK_BYTES {
+                        return Err(Gone::Misbehaved);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Gone::Closed),
+            }
+        }
+    }
+
+    /// Writes the rest of an earlier write. `Ok(true)`: nothing left; `Ok(false)`: the
+    /// socket is full (the task is registered for its write readiness).
+    fn flush_pending(&mut self, cx: &mut Context<'_>, view: &PassView<'_>) -> Result<bool, Gone> {
+        while !self.pending.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_PARTS];
+            let mut n = 0;
+            for (slot, bytes) in slices.iter_mut().zip(&self.pending) {
+                *slot = IoSlice::new(bytes);
+                n += 1;
+            }
+            match self.socket.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(Gone::Closed),
+                Ok(n) => {
+                    self.last_progress = view.now;
+                    consume(&mut self.pending, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if view.now.saturating_duration_since(self.last_progress) >= view.stall_timeout
+                    {
+                        return Err(Gone::Stalled);
+                    }
+                    match self.socket.poll_write_ready(cx) {
+                        Poll::Pending => return Ok(false),
+                        Poll::Ready(Ok(())) => {}
+                        Poll::Ready(Err(_)) => return Err(Gone::Closed),
+                    }
+                }
+                Err(_) => return Err(Gone::Closed),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Assembles and writes one chunk: a lag notice if the client lost frames, the frames
+    /// it may write now, a ping if due, and the end of the stream if a frame ends it.
+    fn write_due(
+        &mut self,
+        cx: &mut Context<'_>,
+        view: &PassView<'_>,
+        ping_due: bool,
+        out: &mut Written,
+    ) -> Result<(), Gone> {
+        let mut parts = Parts::default();
+        let mut lag_notice = Bytes::new();
+        let mut end_frame = Bytes::new();
+        if self.next < view.log_first {
+            let missed = view.log_first - self.next;
+            out.missed += missed;
+            self.next = view.log_first;
+            if (view.draining)() {
+                // The drain notice may be among the frames it lost.
+                end_frame = self.reconnect_frame();
+                self.ending = true;
+                parts.push_shared(&end_frame, 0, end_frame.len());
+                return self.write(cx, view, parts);
+            }
+            tracing::debug!(peer = %self.peer, missed, "slow client lost messages");
+            lag_notice = message::lagged_comment(missed);
+        }
+        parts.push_shared(&lag_notice, 0, lag_notice.len());
+        let start = usize::try_from(self.next.saturating_sub(view.first)).unwrap_or(usize::MAX);
+        let until = usize::try_from(view.writable_until.saturating_sub(view.first))
+            .unwrap_or(usize::MAX)
+            .min(view.frames.len());
+        let mut taken = 0;
+        let mut bytes = 0;
+        for (i, frame) in view.frames.iter().enumerate().take(until).skip(start) {
+            if taken == MAX_FRAMES_PER_WRITE || (taken > 0 && bytes >= MAX_WRITE_BYTES) {
+                break;
+            }
+            taken += 1;
+            bytes += frame.bytes.len();
+            match frame.kind {
+                FrameKind::Message => {
+                    out.frames.push(frame.received);
+                    match view.ids.get(i).filter(|_| self.resumable) {
+                        Some(id) => {
+                            parts.push_shared(&frame.bytes, 0, frame.bytes.len() - NO_ID.len());
+                            parts.push_shared(id, 0, id.len());
+                        }
+                        None => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),
+                    }
+                }
+                FrameKind::Comment => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),
+                FrameKind::End => {
+                    parts.push_shared(&frame.bytes, 0, frame.bytes.len());
+                    self.ending = true;
+                }
+                FrameKind::Drain => {
+                    end_frame = self.reconnect_frame();
+                    self.ending = true;
+                }
+            }
+            if self.ending {
+                break;
+            }
+        }
+        self.next += taken as u64;
+        let ping;
+        if ping_due && !self.ending {
+            ping = (view.ping)(self);
+            parts.push_shared(&ping, 0, ping.len());
+            self.next_ping = view.now + view.ping_interval;
+        }
+        parts.push_shared(&end_frame, 0, end_frame.len());
+        if parts.is_empty() {
+            return Ok(());
+        }
+        self.write(cx, view, parts)
+    }
+
+    /// The frame that sends a draining gateway's client elsewhere: a jittered `retry`
+    /// and, for the original protocol, an empty `id:` (a resumable stream keeps its id).
+    fn reconnect_frame(&self) -> Bytes {
+        let delay = message::reconnect_delay_ms();
+        if self.resumable {
+            Bytes::from(format!("retry: {delay}\n\n"))
+        } else {
+            message::reconnect_frame(delay)
+        }
+    }
+
+    /// Frames `parts` as one chunk and writes it; keeps what the socket did not take.
+    fn write(
+        &mut self,
+        cx: &mut Context<'_>,
+        view: &PassView<'_>,
+        parts: Parts<'_>,
+    ) -> Result<(), Gone> {
+        let chunked = self.version.chunked();
+        let (head, head_len) = wire::chunk_head(parts.len);
+        let mut slices = [IoSlice::new(&[]); MAX_PARTS + 3];
+        let mut n = 0;
+        if chunked {
+            slices[n] = IoSlice::new(&head[..head_len]);
+            n += 1;
+        }
+        for part in parts.iter() {
+            slices[n] = IoSlice::new(part);
+            n += 1;
+        }
+        if chunked {
+            slices[n] = IoSlice::new(CHUNK_END);
+            n += 1;
+            if self.ending {
+                slices[n] = IoSlice::new(LAST_CHUNK);
+                n += 1;
+            }
+        }
+        let total: usize = slices[..n].iter().map(|s| s.len()).sum();
+        let written = match self.socket.try_write_vectored(&slices[..n]) {
+            Ok(written) => written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(_) => return Err(Gone::Closed),
+        };
+        if written > 0 {
+            self.last_progress = view.now;
+        }
+        if written == total {
+            return Ok(());
+        }
+        // Keep the rest: shared slices of the frames, small copies of the rest.
+        let mut skip = written;
+        if chunked {
+            keep_rest(
+                &mut self.pending,
+                &mut skip,
+                Bytes::copy_from_slice(&head[..head_len]),
+            );
+        }
+        for (bytes, from, to) in parts.shared() {
+            keep_rest(&mut self.pending, &mut skip, bytes.slice(from..to));
+        }
+        if chunked {
+            keep_rest(&mut self.pending, &mut skip, Bytes::from_static(CHUNK_END));
+            if self.ending {
+                keep_rest(&mut self.pending, &mut skip, Bytes::from_static(LAST_CHUNK));
+            }
+        }
+        if written == 0 {
+            self.last_progress = view.now;
+        }
+        match self.socket.poll_write_ready(cx) {
+            Poll::Ready(Err(_)) => Err(Gone::Closed),
+            // Writable again already: the next pass writes the rest.
+            Poll::Ready(Ok(())) => {
+                cx.waker().wake_by_ref();
+                Ok(())
+            }
+            Poll::Pending => Ok(()),
+        }
+    }
+
+    /// Closes the sending side after the last bytes (a clean end for the client).
+    pub fn finish(self) {
+        let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Adds `bytes` to `pending`, less the first `skip` bytes of the write (already taken).
+fn keep_rest(pending: &mut VecDeque<Bytes>, skip: &mut usize, bytes: Bytes) {
+    if *skip >= bytes.len() {
+        *skip -= bytes.len();
+        return;
+    }
+    let rest = bytes.slice(*skip..);
+    *skip = 0;
+    if !rest.is_empty() {
+        pending.push_back(rest);
+    }
+}
+
+/// Drops the first `n` bytes of `pending`.
+fn consume(pending: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = pending.front_mut() else {
+            return;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            pending.pop_front();
+        } else {
+            let rest = front.slice(n..);
+            *front = rest;
+            n = 0;
+        }
+    }
+}
+
+/// Fills unused slots of [`Parts`].
+static EMPTY: Bytes = Bytes::new();
+
+/// The data parts of one write, borrowed: (bytes, from, to) each. A fixed array on the
+/// stack: a write costs no allocation.
+struct Parts<'a> {
+    items: [(&'a Bytes, usize, usize); MAX_PARTS],
+    count: usize,
+    len: usize,
+}
+
+impl Default for Parts<'_> {
+    fn default() -> Self {
+        Self {
+            items: [(&EMPTY, 0, 0); MAX_PARTS],
+            count: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<'a> Parts<'a> {
+    fn push_shared(&mut self, bytes: &'a Bytes, from: usize, to: usize) {
+        if to > from && self.count < MAX_PARTS {
+            self.items[self.count] = (bytes, from, to);
+            self.count += 1;
+            self.len += to - from;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.items[..self.count]
+            .iter()
+            .map(|(b, from, to)| &b[*from..*to])
+    }
+
+    fn shared(&self) -> impl Iterator<Item = (&'a Bytes, usize, usize)> + '_ {
+        self.items[..self.count].iter().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rests_are_kept_and_consumed_exactly() {
+        let mut pending = VecDeque::new();
+        let mut skip = 5;
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"abc"));
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"defgh"));
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"ij"));
+        assert_eq!(
+            pending,
+            vec![Bytes::from_static(b"fgh"), Bytes::from_static(b"ij")]
+        );
+        consume(&mut pending, 4);
+        assert_eq!(pending, vec![Bytes::from_static(b"j")]);
+        consume(&mut pending, 1);
+        assert!(pending.is_empty());
+    }
+}

@@ -1,0 +1,235 @@
+//! The HTTP/1 bytes of a stream the gateway writes itself, once the request head is read:
+//! the response head, the chunked framing of every write, and the few complete answers a
+//! connect request can get instead of a stream (204, 503).
+//!
+//! Every other route is served by hyper (see `server`); this is the part of HTTP/1 a
+//! stream that only writes needs, and no more. Invariants:
+//! - an HTTP/1.1 stream is chunked, and every write is exactly one chunk, so that a write
+//!   that stops half-way can be finished later without re-framing;
+//! - an HTTP/1.0 stream is delimited by the connection's close, as HTTP/1.0 requires;
+//! - header names are written lowercase, as hyper writes them.
+
+use std::time::SystemTime;
+
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
+
+/// The HTTP version a client spoke: the answer uses the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    Http10,
+    Http11,
+}
+
+impl Version {
+    fn status_line(self, status: StatusCode) -> String {
+        let version = match self {
+            Version::Http10 => "HTTP/1.0",
+            Version::Http11 => "HTTP/1.1",
+        };
+        format!(
+            "{version} {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+    }
+
+    /// Whether the stream's writes are chunks (HTTP/1.1) or raw (HTTP/1.0).
+    pub fn chunked(self) -> bool {
+        self == Version::Http11
+    }
+}
+
+/// A request head, as the server loop read it.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub version: Version,
+    /// The path, without the query.
+    pub path: String,
+    /// The raw query string (without `?`), if any.
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+}
+
+impl RequestHead {
+    /// Whether the client wants the connection kept for another request (HTTP/1.1 unless
+    /// it says `close`; HTTP/1.0 only if it says `keep-alive`).
+    pub fn keep_alive(&self) -> bool {
+        let says = |word: &str| {
+            self.headers
+                .get_all("connection")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(word))
+        };
+        match self.version {
+            Version::Http11 => !says("close"),
+            Version::Http10 => says("keep-alive"),
+        }
+    }
+
+    /// Whether a body follows the head (a GET should have none; if it does, the
+    /// connection is not reused, since the body would be taken for the next request).
+    pub fn has_body(&self) -> bool {
+        self.headers.contains_key("transfer-encoding")
+            || self
+                .headers
+                .get("content-length")
+                .is_some_and(|v| v.as_bytes() != b"0")
+    }
+}
+
+/// The end of an HTTP/1.1 chunked body.
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+/// What follows each chunk's data.
+pub const CHUNK_END: &[u8] = b"\r\n";
+
+/// The head of a chunk of `len` bytes (`len` in hex, then CRLF), in a small array.
+pub fn chunk_head(len: usize) -> ([u8; 20], usize) {
+    let mut out = [0u8; 20];
+    let text = format!("{len:x}\r\n");
+    let n = text.len().min(out.len());
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    (out, n)
+}
+
+/// Appends `data` to `out` as one chunk (HTTP/1.1) or as it is (HTTP/1.0).
+pub fn push_chunk(out: &mut Vec<u8>, version: Version, data: &[u8]) {
+    if version.chunked() && !data.is_empty() {
+        let (head, n) = chunk_head(data.len());
+        out.extend_from_slice(&head[..n]);
+        out.extend_from_slice(data);
+        out.extend_from_slice(CHUNK_END);
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// The head of a `200 text/event-stream` response with `headers` (the common ones and
+/// the stream's own), a `date`, and the framing of `version`.
+pub fn stream_head(version: Version, headers: &HeaderMap) -> Vec<u8> {
+    let mut out = Vec::with_capacity(640);
+    out.extend_from_slice(version.status_line(StatusCode::OK).as_bytes());
+    push_headers(&mut out, headers);
+    if version.chunked() {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A complete response with a body (possibly empty). `keep_alive`: the connection stays
+/// open for the next request; otherwise the answer says it closes.
+pub fn response(
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512 + body.len());
+    out.extend_from_slice(version.status_line(status).as_bytes());
+    push_headers(&mut out, headers);
+    if status != StatusCode::NO_CONTENT {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    match (version, keep_alive) {
+        (Version::Http11, false) => out.extend_from_slice(b"connection: close\r\n"),
+        (Version::Http10, true) => out.extend_from_slice(b"connection: keep-alive\r\n"),
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+fn push_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(httpdate::fmt_http_date(SystemTime::now()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
+pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
+    // The page sets its own policy (see `page`); everything else allows nothing.
+    if !h.contains_key("content-security-policy") {
+        h.insert(
+            "content-security-policy",
+            HeaderValue::from_static(
+                "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
+            ),
+        );
+    }
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("access-control-allow-origin", cors_origin.clone());
+    h.insert("access-control-max-age", HeaderValue::from_static("900"));
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("OPTIONS,GET,HEAD,POST,PUT,DELETE,TRACE,CONNECT"),
+    );
+    h.insert(
+        "access-control-request-method",
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static(
+            "X-Requested-With,Content-Type,Authorization,Accept,Origin,Cache-Control",
+        ),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::HeaderValue;
+
+    #[test]
+    fn chunks_and_heads() {
+        let (head, n) = chunk_head(300);
+        assert_eq!(&head[..n], b"12c\r\n");
+        let mut out = Vec::new();
+        push_chunk(&mut out, Version::Http11, b"abc");
+        assert_eq!(out, b"3\r\nabc\r\n");
+        let mut out = Vec::new();
+        push_chunk(&mut out, Version::Http10, b"abc");
+        assert_eq!(out, b"abc");
+
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let head = String::from_utf8(stream_head(Version::Http11, &headers)).expect("ASCII");
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ndate: "));
+        assert!(
+            head.ends_with("GMT\r\ntransfer-encoding: chunked\r\n\r\n"),
+            "{head}"
+        );
+        let head = String::from_utf8(stream_head(Version::Http10, &headers)).expect("ASCII");
+        assert!(head.starts_with("HTTP/1.0 200 OK\r\n") && head.ends_with("GMT\r\n\r\n"));
+
+        let answer = response(Version::Http11, StatusCode::NO_CONTENT, &headers, b"", true);
+        let answer = String::from_utf8(answer).expect("ASCII");
+        assert!(answer.starts_with("HTTP/1.1 204 No Content\r\n"));
+        assert!(!answer.contains("content-length"));
+        let answer = response(
+            Version::Http11,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers,
+            b"{}",
+            false,
+        );
+        let answer = String::from_utf8(answer).expect("ASCII");
+        assert!(answer.contains("content-length: 2\r\nconnection: close\r\n\r\n{}"));
+    }
+}
