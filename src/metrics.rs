@@ -51,6 +51,7 @@ pub struct MetricsInner {
     pub connections_open: IntGauge,
     pub connections_total: IntCounterVec,
     pub subscriptions: IntGauge,
+    pub streams_blocked: IntGauge,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
     pub broker_queues: IntGauge,
@@ -80,6 +81,11 @@ impl Metrics {
                     "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (sent away with a reconnect frame during shutdown), client_gone (left before ready or error)",
                 ),
                 &["outcome"],
+            )
+            .expect("valid metric"),
+            streams_blocked: IntGauge::new(
+                "events_gateway_streams_blocked",
+                "Streams whose socket did not take all of their last write (the client reads slowly or not at all); each keeps at most one write's worth and its place in the log",
             )
             .expect("valid metric"),
             subscriptions: IntGauge::new(
@@ -160,8 +166,8 @@ impl Metrics {
                     "From a broker delivery reaching the gateway to its frame being handed to a client's connection (one observation per client)",
                 )
                 .buckets(vec![
-                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                    1.0,
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02,
+                    0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 1.0,
                 ]),
             )
             .expect("valid metric"),
@@ -171,6 +177,7 @@ impl Metrics {
             Box::new(m.connections_open.clone()),
             Box::new(m.connections_total.clone()),
             Box::new(m.subscriptions.clone()),
+            Box::new(m.streams_blocked.clone()),
             Box::new(m.broker_connected.clone()),
             Box::new(m.broker_reconnects.clone()),
             Box::new(m.broker_queues.clone()),

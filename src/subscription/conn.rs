@@ -155,6 +155,11 @@ impl Conn {
         }
     }
 
+    /// Whether the socket did not take all of the last write (the rest is kept).
+    pub fn blocked(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Whether the client lags behind frames it may write now.
     pub fn behind(&self, writable_until: u64) -> bool {
         self.pending.is_empty() && self.next < writable_until
@@ -221,7 +226,7 @@ impl Conn {
                 *slot = IoSlice::new(bytes);
                 n += 1;
             }
-            match self.socket.try_write_vectored(&slices[..n]) {
+            match send(&self.socket, &slices[..n]) {
                 Ok(0) => return Err(Gone::Closed),
                 Ok(n) => {
                     self.last_progress = view.now;
@@ -361,7 +366,7 @@ impl Conn {
             }
         }
         let total: usize = slices[..n].iter().map(|s| s.len()).sum();
-        let written = match self.socket.try_write_vectored(&slices[..n]) {
+        let written = match send(&self.socket, &slices[..n]) {
             Ok(written) => written,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(_) => return Err(Gone::Closed),
@@ -408,6 +413,16 @@ impl Conn {
     pub fn finish(self) {
         let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
     }
+}
+
+/// One non-blocking vectored write. `sendmsg` rather than tokio's `writev`: a socket
+/// write that skips the file layer (its position lock and checks) costs less per call,
+/// and a stream makes one call per frame it writes. A would-block clears tokio's
+/// readiness, as tokio's own writes do.
+fn send(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket.try_io(tokio::io::Interest::WRITABLE, || {
+        socket2::SockRef::from(socket).send_vectored(slices)
+    })
 }
 
 /// Adds `bytes` to `pending`, less the first `skip` bytes of the write (already taken).

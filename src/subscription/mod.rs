@@ -43,7 +43,7 @@ use crate::metrics::Metrics;
 /// Most clients one writer task serves. A pass over a shard writes to each of its clients
 /// in turn on one core; more shards let the runtime's workers share a wide fan-out, and
 /// bound how long the last client of a shard waits for a frame.
-pub const SHARD_CLIENTS: usize = 1024;
+pub const SHARD_CLIENTS: usize = 256;
 
 /// How streams are written.
 #[derive(Clone, Debug)]

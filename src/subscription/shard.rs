@@ -61,6 +61,8 @@ struct Shard {
     timer: Pin<Box<Sleep>>,
     closing: Pin<Box<WaitForCancellationFutureOwned>>,
     written: Written,
+    /// Clients counted in the `streams_blocked` gauge by this shard.
+    blocked: i64,
     latency: LocalHistogram,
     delivered: LocalIntCounter,
 }
@@ -78,6 +80,7 @@ impl Shard {
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
             closing: Box::pin(fanout.closing.clone().cancelled_owned()),
             written: Written::default(),
+            blocked: 0,
             latency: fanout.metrics.fanout_latency.local(),
             delivered: fanout.metrics.messages_delivered.local(),
         }
@@ -88,6 +91,7 @@ impl Shard {
         if self.closing.as_mut().poll(cx).is_ready() {
             // The server stopped: whoever is still here is cut off.
             self.clients.clear();
+            self.set_blocked(0);
             self.leave_if_empty();
             return Poll::Ready(());
         }
@@ -151,6 +155,8 @@ impl Shard {
             // The coalescing window opens with a write of frames (not with a ping).
             self.last_flush = Some(now);
         }
+        let blocked = self.clients.iter().filter(|c| c.blocked()).count() as i64;
+        self.set_blocked(blocked);
         if self.report(now) {
             return Poll::Ready(());
         }
@@ -207,6 +213,18 @@ impl Shard {
                 .extend(frames.take(MAX_FRAMES_PER_PASS).cloned());
         }
         (log_first, from, hold_until)
+    }
+
+    /// Brings the `streams_blocked` gauge up to date with this shard's count.
+    fn set_blocked(&mut self, blocked: i64) {
+        if blocked != self.blocked {
+            self.sub
+                .fanout
+                .metrics
+                .streams_blocked
+                .add(blocked - self.blocked);
+            self.blocked = blocked;
+        }
     }
 
     /// A client leaves the shard: counted, and its socket closed cleanly if its stream

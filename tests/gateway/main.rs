@@ -4,6 +4,7 @@
 
 mod drain;
 mod embedded;
+mod fanout;
 mod protocol;
 mod proxy;
 mod resilience;

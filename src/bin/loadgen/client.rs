@@ -110,6 +110,39 @@ pub async fn connect_all(
     })
 }
 
+/// Connects `args.stuck` clients on the first client's pattern that, once `ready`, read
+/// nothing more (a 4 KiB receive buffer fills at once). Dropping them closes them.
+pub async fn connect_stuck(
+    args: &Args,
+    scenario: &Scenario,
+    gateway: SocketAddr,
+) -> anyhow::Result<Vec<tokio::net::TcpStream>> {
+    let mut stuck = Vec::with_capacity(args.stuck);
+    for i in 0..args.stuck {
+        let socket = TcpSocket::new_v4()?;
+        socket.set_recv_buffer_size(4096)?;
+        socket.bind(SocketAddr::new(
+            source_address(args.clients + i, args.clients_per_source),
+            0,
+        ))?;
+        let mut stream = socket.connect(gateway).await?;
+        let query = scenario.query(0);
+        let request =
+            format!("GET /api/events/v1/connect/?{query} HTTP/1.0\r\nHost: gateway\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !contains(&buf, b"event: ready\n") {
+            let n =
+                tokio::time::timeout(Duration::from_secs(60), stream.read(&mut chunk)).await??;
+            anyhow::ensure!(n > 0, "a stuck client was closed before ready");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        stuck.push(stream);
+    }
+    Ok(stuck)
+}
+
 /// Source addresses: `per_source` clients on each, starting at a random 127.x.y.1 per run
 /// (one address has about 28k ephemeral ports towards one destination, and the sockets a
 /// previous run left in TIME_WAIT keep theirs busy for a minute).

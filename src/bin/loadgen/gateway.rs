@@ -98,6 +98,29 @@ impl Gateway {
             .context("no such series")
     }
 
+    /// The cumulative buckets of histogram `name`: (upper bound, observations up to it).
+    pub async fn histogram(&self, name: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+        let mut s = tokio::net::TcpStream::connect(self.addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        let text = String::from_utf8_lossy(&buf);
+        let prefix = format!("{name}_bucket{{le=\"");
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (le, value) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, value.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
     /// CPU time (user + system, all threads) and resident memory, from /proc.
     pub fn sample(&self) -> anyhow::Result<Sample> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))?;

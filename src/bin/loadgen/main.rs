@@ -62,6 +62,12 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub payload_bytes: usize,
 
+    /// Extra clients on the first pattern that read nothing after `ready` (with a small
+    /// receive buffer, so their sockets fill at once): the others' latency shows whether
+    /// a stuck client holds them up.
+    #[arg(long, default_value_t = 0)]
+    pub stuck: usize,
+
     /// Clients connecting at the same time while ramping up.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -92,6 +98,10 @@ pub struct Args {
     pub json: bool,
 }
 
+/// The gateway's own measure of fan-out latency: from a delivery reaching it to the frame
+/// handed to a client's socket.
+const FANOUT_LATENCY: &str = "events_gateway_fanout_latency_seconds";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -119,6 +129,7 @@ async fn run(
     let started = std::time::Instant::now();
     let clients = client::connect_all(args, scenario, gateway.addr()).await?;
     report.ramp(started.elapsed(), &clients);
+    let stuck = client::connect_stuck(args, scenario, gateway.addr()).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = gateway.sample()?;
     report.idle(&baseline, &idle, clients.ready());
@@ -127,13 +138,16 @@ async fn run(
     // Publish, then give the last deliveries a moment to arrive.
     if args.rate > 0.0 || args.burst.is_some() {
         let before = gateway.sample()?;
+        let fanout_before = gateway.histogram(FANOUT_LATENCY).await?;
         let published = publisher.run(args).await?;
         clients.settle(&published, Duration::from_secs(5)).await;
         let after = gateway.sample()?;
         report.traffic(&published, &clients, &before, &after);
+        report.gateway_latency(&fanout_before, &gateway.histogram(FANOUT_LATENCY).await?);
     }
     // Every client leaves: memory should return near the baseline.
     clients.close();
+    drop(stuck);
     tokio::time::sleep(Duration::from_secs(12)).await;
     report.after_leave(
         &gateway.sample()?,

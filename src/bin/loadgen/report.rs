@@ -29,6 +29,7 @@ impl Report {
         let mut r = Self::default();
         r.set("scenario", json!(args.scenario));
         r.set("clients", json!(args.clients));
+        r.set("stuck_clients", json!(args.stuck));
         if args.scenario == "treeherder" {
             r.set("patterns", json!(args.patterns));
         }
@@ -120,6 +121,29 @@ impl Report {
         self.set("subscriptions_after_leave", json!(subscriptions));
     }
 
+    /// The gateway's own fan-out latency over the traffic phase (from its histogram,
+    /// interpolated within buckets): what part of publish→receipt the gateway spends.
+    pub fn gateway_latency(&mut self, before: &[(f64, f64)], after: &[(f64, f64)]) {
+        let delta: Vec<(f64, f64)> = after
+            .iter()
+            .map(|(le, n)| {
+                let was = before
+                    .iter()
+                    .find(|(b, _)| b == le)
+                    .map_or(0.0, |(_, n)| *n);
+                (*le, n - was)
+            })
+            .collect();
+        for (name, q) in [
+            ("gateway_fanout_p50_ms", 0.5),
+            ("gateway_fanout_p99_ms", 0.99),
+        ] {
+            if let Some(v) = quantile(&delta, q) {
+                self.set(name, json!((v * 1e3 * 100.0).round() / 100.0));
+            }
+        }
+    }
+
     pub fn print(mut self, args: &Args) {
         if let Some((q, b, c)) = self.broker {
             self.set("broker_queues", json!(q));
@@ -147,4 +171,26 @@ fn mib(bytes: u64) -> f64 {
 fn round(v: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (v * f).round() / f
+}
+
+/// The `q` quantile of cumulative buckets, interpolated linearly within its bucket (as
+/// Prometheus's histogram_quantile does).
+fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower.0);
+            }
+            let within = (rank - lower.1) / (count - lower.1).max(f64::MIN_POSITIVE);
+            return Some(lower.0 + (le - lower.0) * within);
+        }
+        lower = (le, count);
+    }
+    None
 }
