@@ -12,6 +12,7 @@ use events_gateway::message::Incoming;
 use events_gateway::metrics::Metrics;
 use events_gateway::registry::Registry;
 use events_gateway::subscription::{Fanout, StreamSettings};
+use events_gateway::topology::Caps;
 use events_gateway::topology::Topology;
 
 fn bench(c: &mut Criterion) {
@@ -33,12 +34,24 @@ fn bench(c: &mut Criterion) {
         let topology = Arc::new(Topology::new(metrics.clone()));
         let broker = MemoryBroker::new(topology.clone());
         let fanout = Fanout::new(StreamSettings::default(), metrics.clone());
-        let registry = Arc::new(Registry::new(topology.clone(), broker, fanout, metrics));
+        let registry = Arc::new(Registry::new(
+            topology.clone(),
+            broker,
+            fanout,
+            Caps::default(),
+            metrics,
+        ));
         let set = BindingSet::new(vec![Binding {
             exchange: exchange.to_owned(),
             pattern: "route.tc-treeherder.v2.try.#".to_owned(),
         }]);
-        let clients: Vec<_> = (0..n).map(|_| registry.subscribe(set.clone())).collect();
+        let clients: Vec<_> = (0..n)
+            .map(|_| {
+                registry
+                    .subscribe(set.clone(), || true)
+                    .expect("within the caps")
+            })
+            .collect();
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| topology.deliver(exchange, &msg))
         });

@@ -13,6 +13,7 @@ use events_gateway::broker::MemoryBroker;
 use events_gateway::metrics::Metrics;
 use events_gateway::registry::Registry;
 use events_gateway::subscription::{Fanout, StreamSettings};
+use events_gateway::topology::Caps;
 use events_gateway::topology::Topology;
 
 fn set(pattern: &str) -> BindingSet {
@@ -27,20 +28,39 @@ fn registry() -> Arc<Registry> {
     let topology = Arc::new(Topology::new(metrics.clone()));
     let broker = MemoryBroker::new(topology.clone());
     let fanout = Fanout::new(StreamSettings::default(), metrics.clone());
-    Arc::new(Registry::new(topology, broker, fanout, metrics))
+    Arc::new(Registry::new(
+        topology,
+        broker,
+        fanout,
+        Caps::default(),
+        metrics,
+    ))
 }
 
 fn bench(c: &mut Criterion) {
     let reg = registry();
-    let _holder = reg.subscribe(set("route.tc-treeherder.v2.try.#"));
+    let _holder = reg
+        .subscribe(set("route.tc-treeherder.v2.try.#"), || true)
+        .expect("within the caps");
     c.bench_function("join_and_leave_shared_subscription", |b| {
-        b.iter(|| drop(reg.subscribe(set("route.tc-treeherder.v2.try.#"))))
+        b.iter(|| {
+            drop(
+                reg.subscribe(set("route.tc-treeherder.v2.try.#"), || true)
+                    .expect("within the caps"),
+            )
+        })
     });
     let mut i = 0u64;
     c.bench_function("create_and_release_subscription", |b| {
         b.iter(|| {
             i += 1;
-            drop(reg.subscribe(set(&format!("route.tc-treeherder.v2.p{}.#", i % 1000))))
+            drop(
+                reg.subscribe(
+                    set(&format!("route.tc-treeherder.v2.p{}.#", i % 1000)),
+                    || true,
+                )
+                .expect("within the caps"),
+            )
         })
     });
     c.bench_function("join_and_leave_two_threads_same_set", |b| {
@@ -50,7 +70,10 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..2 {
                     s.spawn(|| {
                         for _ in 0..iters / 2 {
-                            drop(reg.subscribe(set("route.tc-treeherder.v2.try.#")));
+                            drop(
+                                reg.subscribe(set("route.tc-treeherder.v2.try.#"), || true)
+                                    .expect("within the caps"),
+                            );
                         }
                     });
                 }

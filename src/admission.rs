@@ -1,53 +1,367 @@
-//! Admission of SSE connections: at most `max` open at once in the process.
+//! Admission of SSE connections and of new subscriptions: at most `max` connections in
+//! the process, at most `per_address` from one client address, and new subscriptions
+//! from one address at a bounded rate (a token bucket).
 //!
-//! Invariant: a [`Slot`] is held for exactly as long as its connection streams (or waits
-//! for `ready`); the `connections_open` gauge follows the slots.
+//! Invariants:
+//! - a [`Slot`] is held for exactly as long as its connection streams (or waits for
+//!   `ready`); the `connections_open` gauge and each address's count follow the slots;
+//! - an address's state exists only while it has a connection open or a bucket not yet
+//!   refilled (the rate must hold across connections: each connection makes one
+//!   subscription, so an address that connects, subscribes and leaves in a loop would
+//!   otherwise start every time with a full bucket): memory follows the addresses in use
+//!   in the last `burst / rate` seconds, never the addresses ever seen;
+//! - a client's address is the TCP peer's, unless the peer is a trusted proxy
+//!   (`TRUSTED_PROXIES`): then it is the last address in `X-Forwarded-For` that is not a
+//!   trusted proxy itself (what a chain of trusted proxies appended). An IPv6 client
+//!   counts by its /64, which one host usually holds whole.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use dashmap::DashMap;
+use ipnet::IpNet;
+use warp::http::HeaderMap;
 
 use crate::metrics::Metrics;
 
-/// The connection slots of the process.
-pub struct Slots {
+/// What admission allows.
+#[derive(Clone, Debug)]
+pub struct AdmissionLimits {
+    /// Connections in the process (MAX_CONNECTIONS).
+    pub max_connections: usize,
+    /// Connections from one address (MAX_CONNECTIONS_PER_ADDRESS).
+    pub per_address: usize,
+    /// New subscriptions one address may create per second (ADDRESS_SUBSCRIPTION_RATE).
+    pub subscription_rate: f64,
+    /// ... and at once after a quiet spell (ADDRESS_SUBSCRIPTION_BURST).
+    pub subscription_burst: f64,
+    /// Proxies whose `X-Forwarded-For` is believed (TRUSTED_PROXIES).
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 15_000,
+            per_address: 1_000,
+            subscription_rate: 5.0,
+            subscription_burst: 50.0,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// MAX_CONNECTIONS connections are open.
+    Process,
+    /// MAX_CONNECTIONS_PER_ADDRESS connections are open from this address.
+    Address,
+}
+
+/// A client address as admission counts it (an IPv6 address by its /64).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Self(IpAddr::V4(v4)),
+                None => {
+                    let s = v6.segments();
+                    Self(IpAddr::V6(Ipv6Addr::new(
+                        s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+                    )))
+                }
+            },
+            v4 => Self(v4),
+        }
+    }
+}
+
+impl std::fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+            v4 => write!(f, "{v4}"),
+        }
+    }
+}
+
+/// One address's connections and subscription tokens.
+struct AddressState {
+    connections: usize,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl AddressState {
+    /// The bucket refilled to `now` (and its clock moved to `now`).
+    fn refill(&mut self, now: Instant, limits: &AdmissionLimits) {
+        let add = now.duration_since(self.refilled_at).as_secs_f64() * limits.subscription_rate;
+        self.tokens = (self.tokens + add).min(limits.subscription_burst);
+        self.refilled_at = now;
+    }
+
+    /// Nothing to remember: no connection and a full bucket.
+    fn idle(&mut self, now: Instant, limits: &AdmissionLimits) -> bool {
+        self.refill(now, limits);
+        self.connections == 0 && self.tokens >= limits.subscription_burst
+    }
+}
+
+/// Admissions between two sweeps of idle addresses.
+const SWEEP_EVERY: usize = 1024;
+
+/// The process's admission state.
+pub struct Admission {
     open: AtomicUsize,
-    max: usize,
+    limits: AdmissionLimits,
+    addresses: DashMap<ClientKey, AddressState>,
+    /// Admissions since the last sweep.
+    since_sweep: AtomicUsize,
     metrics: Metrics,
 }
 
-impl Slots {
-    pub fn new(max: usize, metrics: Metrics) -> Arc<Self> {
-        metrics.connections_limit.set(max as i64);
+impl Admission {
+    pub fn new(limits: AdmissionLimits, metrics: Metrics) -> Arc<Self> {
+        metrics.connections_limit.set(limits.max_connections as i64);
         Arc::new(Self {
             open: AtomicUsize::new(0),
-            max,
+            limits,
+            addresses: DashMap::new(),
+            since_sweep: AtomicUsize::new(0),
             metrics,
         })
     }
 
-    /// Takes a slot, or `None` when `max` connections are open.
-    pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()?;
+    /// The address a request comes from: the peer's, or what trusted proxies say.
+    pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let trusted = |ip: &IpAddr| self.limits.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(&peer) {
+            return peer;
+        }
+        // Proxies append: walk from the right past the trusted ones.
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        forwarded
+            .iter()
+            .rev()
+            .find(|a| !trusted(a))
+            .or(forwarded.first())
+            .copied()
+            .unwrap_or(peer)
+    }
+
+    /// Takes a connection slot for `client`, or says which limit is reached.
+    pub fn try_take(self: &Arc<Self>, client: IpAddr) -> Result<Slot, Full> {
+        if self.since_sweep.fetch_add(1, Ordering::Relaxed) >= SWEEP_EVERY {
+            self.since_sweep.store(0, Ordering::Relaxed);
+            let now = Instant::now();
+            self.addresses
+                .retain(|_, state| !state.idle(now, &self.limits));
+        }
+        let key = ClientKey::of(client);
+        let taken = {
+            let mut state = self.addresses.entry(key).or_insert_with(|| AddressState {
+                connections: 0,
+                tokens: self.limits.subscription_burst,
+                refilled_at: Instant::now(),
+            });
+            if state.connections >= self.limits.per_address {
+                Err(Full::Address)
+            } else {
+                let process = self
+                    .open
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.limits.max_connections).then_some(n + 1)
+                    });
+                match process {
+                    Ok(_) => {
+                        state.connections += 1;
+                        Ok(())
+                    }
+                    Err(_) => Err(Full::Process),
+                }
+            }
+        };
+        if let Err(full) = taken {
+            let now = Instant::now();
+            self.addresses
+                .remove_if_mut(&key, |_, state| state.idle(now, &self.limits));
+            return Err(full);
+        }
         self.metrics.connections_open.inc();
-        Some(Slot(self.clone()))
+        Ok(Slot {
+            admission: self.clone(),
+            key,
+        })
+    }
+
+    /// Takes a token for a new subscription from `client`'s bucket. Returns whether there
+    /// was one.
+    pub fn allow_new_subscription(&self, client: ClientKey) -> bool {
+        let Some(mut state) = self.addresses.get_mut(&client) else {
+            return true;
+        };
+        state.refill(Instant::now(), &self.limits);
+        if state.tokens >= 1.0 {
+            state.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
     }
+
+    /// Addresses with state held now.
+    pub fn addresses(&self) -> usize {
+        self.addresses.len()
+    }
+
+    fn release(&self, key: ClientKey) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.connections_open.dec();
+        // The state goes with the last connection if its bucket is full; otherwise it
+        // stays until a sweep finds it refilled.
+        let now = Instant::now();
+        self.addresses.remove_if_mut(&key, |_, state| {
+            state.connections = state.connections.saturating_sub(1);
+            state.idle(now, &self.limits)
+        });
+    }
 }
 
 /// One open SSE connection; dropping it frees the slot.
-pub struct Slot(Arc<Slots>);
+pub struct Slot {
+    admission: Arc<Admission>,
+    key: ClientKey,
+}
+
+impl Slot {
+    /// The address the connection counts against.
+    pub fn client(&self) -> ClientKey {
+        self.key
+    }
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
-        self.0.metrics.connections_open.dec();
+        self.admission.release(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warp::http::HeaderValue;
+
+    fn admission(limits: AdmissionLimits) -> Arc<Admission> {
+        Admission::new(limits, Metrics::new())
+    }
+
+    #[test]
+    fn connections_are_limited_per_address_and_in_all() {
+        let a = admission(AdmissionLimits {
+            max_connections: 3,
+            per_address: 2,
+            ..AdmissionLimits::default()
+        });
+        let one: IpAddr = "127.0.0.2".parse().expect("ip");
+        let two: IpAddr = "127.0.0.3".parse().expect("ip");
+        let s1 = a.try_take(one).expect("first");
+        let _s2 = a.try_take(one).expect("second");
+        assert_eq!(a.try_take(one).err(), Some(Full::Address));
+        let _s3 = a.try_take(two).expect("another address");
+        assert_eq!(a.try_take(two).err(), Some(Full::Process));
+        drop(s1);
+        let _s4 = a.try_take(one).expect("a slot freed");
+        assert_eq!(a.open(), 3);
+    }
+
+    #[test]
+    fn state_goes_with_the_last_connection_of_an_address() {
+        let a = admission(AdmissionLimits::default());
+        let slots: Vec<_> = (0..100)
+            .map(|i| a.try_take(IpAddr::from([10, 0, 0, i])).expect("slot"))
+            .collect();
+        assert_eq!(a.addresses(), 100);
+        drop(slots);
+        assert_eq!((a.addresses(), a.open()), (0, 0));
+    }
+
+    #[test]
+    fn new_subscriptions_from_one_address_are_rate_limited() {
+        let a = admission(AdmissionLimits {
+            subscription_rate: 0.001,
+            subscription_burst: 3.0,
+            ..AdmissionLimits::default()
+        });
+        let slot = a.try_take("127.0.0.2".parse().expect("ip")).expect("slot");
+        let allowed = (0..10)
+            .filter(|_| a.allow_new_subscription(slot.client()))
+            .count();
+        assert_eq!(allowed, 3);
+        let other = a.try_take("127.0.0.3".parse().expect("ip")).expect("slot");
+        assert!(
+            a.allow_new_subscription(other.client()),
+            "another address has its own bucket"
+        );
+        // Leaving and coming back does not refill the bucket.
+        let key = slot.client();
+        drop(slot);
+        let again = a.try_take("127.0.0.2".parse().expect("ip")).expect("slot");
+        assert_eq!(again.client(), key);
+        assert!(!a.allow_new_subscription(again.client()));
+    }
+
+    #[test]
+    fn forwarded_addresses_count_only_behind_trusted_proxies() {
+        let a = admission(AdmissionLimits {
+            trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+            ..AdmissionLimits::default()
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("198.51.100.7, 203.0.113.9, 10.1.2.3"),
+        );
+        let proxy: IpAddr = "10.9.9.9".parse().expect("ip");
+        let stranger: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(
+            a.client_address(proxy, &headers),
+            "203.0.113.9".parse::<IpAddr>().expect("ip"),
+            "the last untrusted hop, not what the client claimed first"
+        );
+        assert_eq!(
+            a.client_address(stranger, &headers),
+            stranger,
+            "not a trusted proxy"
+        );
+        assert_eq!(a.client_address(proxy, &HeaderMap::new()), proxy);
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");
+        let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+        assert_eq!(ClientKey::of(a), ClientKey::of(b));
+        assert_ne!(ClientKey::of(a), ClientKey::of(c));
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        assert_eq!(ClientKey::of(mapped).to_string(), "192.0.2.1");
     }
 }

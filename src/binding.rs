@@ -7,7 +7,10 @@
 //!   them can never fail or panic;
 //! - every exchange name is non-empty and starts with one of the allowed prefixes;
 //! - a set holds at most `max_bindings` entries, sorted and de-duplicated, so two clients
-//!   asking for the same bindings in another order or with repeats share one subscription.
+//!   asking for the same bindings in another order or with repeats share one subscription;
+//! - a pattern has at most `max_pattern_words` words and `max_pattern_hashes` `#`
+//!   wildcards: every message on the exchange is matched against it, in the gateway's
+//!   trie and in RabbitMQ's, and `#` makes that matching backtrack.
 //!
 //! Error texts the original Taskcluster service sends are kept word for word (clients and
 //! tests match on them); cases the original left to crash get a clear text of our own.
@@ -70,6 +73,10 @@ pub struct Limits {
     pub max_bindings: usize,
     /// An exchange name must start with one of these (an empty list allows any name).
     pub allowed_exchange_prefixes: Vec<String>,
+    /// Most words (`.`-separated) in a routing-key pattern.
+    pub max_pattern_words: usize,
+    /// Most `#` wildcards in a routing-key pattern.
+    pub max_pattern_hashes: usize,
 }
 
 impl Default for Limits {
@@ -77,6 +84,8 @@ impl Default for Limits {
         Self {
             max_bindings: 100,
             allowed_exchange_prefixes: vec!["exchange/".to_owned()],
+            max_pattern_words: 32,
+            max_pattern_hashes: 3,
         }
     }
 }
@@ -131,6 +140,31 @@ pub enum BindingError {
     },
     #[error("Exchange `{exchange}` is not allowed: exchange names must start with {allowed}")]
     NotAllowed { exchange: String, allowed: String },
+    #[error("Binding {index}: `routingKeyPattern` has {words} words; at most {max} are allowed")]
+    TooManyWords {
+        index: usize,
+        words: usize,
+        max: usize,
+    },
+    #[error(
+        "Binding {index}: `routingKeyPattern` has {hashes} `#` wildcards; at most {max} are allowed"
+    )]
+    TooManyHashes {
+        index: usize,
+        hashes: usize,
+        max: usize,
+    },
+}
+
+impl BindingError {
+    /// Whether a pattern was refused for its words or wildcards (a limit on what clients
+    /// may ask, counted apart from malformed input).
+    pub fn is_pattern_limit(&self) -> bool {
+        matches!(
+            self,
+            BindingError::TooManyWords { .. } | BindingError::TooManyHashes { .. }
+        )
+    }
 }
 
 /// Parses the raw query string of a connect request (without the `?`).
@@ -188,6 +222,7 @@ pub fn parse_json(text: &str, limits: &Limits) -> Result<BindingSet, BindingErro
             return Err(BindingError::EmptyExchange { index });
         }
         check_allowed(exchange, limits)?;
+        check_pattern(pattern, index, limits)?;
         out.push(Binding {
             exchange: exchange.to_owned(),
             pattern: pattern.to_owned(),
@@ -208,6 +243,27 @@ fn name(value: &Value, index: usize, field: Field) -> Result<&str, BindingError>
         });
     }
     Ok(s)
+}
+
+/// A pattern's words and `#` wildcards within the limits.
+fn check_pattern(pattern: &str, index: usize, limits: &Limits) -> Result<(), BindingError> {
+    let words = pattern.split('.').count();
+    if words > limits.max_pattern_words {
+        return Err(BindingError::TooManyWords {
+            index,
+            words,
+            max: limits.max_pattern_words,
+        });
+    }
+    let hashes = pattern.split('.').filter(|w| *w == "#").count();
+    if hashes > limits.max_pattern_hashes {
+        return Err(BindingError::TooManyHashes {
+            index,
+            hashes,
+            max: limits.max_pattern_hashes,
+        });
+    }
+    Ok(())
 }
 
 fn check_allowed(exchange: &str, limits: &Limits) -> Result<(), BindingError> {

@@ -6,14 +6,16 @@
 //! `Config`'s `Debug` shows the endpoint without credentials, and every error names the
 //! setting that is wrong without echoing its value.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 
+use crate::admission::AdmissionLimits;
 use crate::binding::Limits;
 use crate::broker::AmqpSettings;
 use crate::subscription::{LogLimits, StreamSettings};
+use crate::topology::Caps;
 
 mod args;
 
@@ -29,7 +31,8 @@ pub const HOSTNAME_ENV: &str = "HOSTNAME";
 pub struct Config {
     pub listen: SocketAddr,
     pub broker: BrokerSettings,
-    pub max_connections: usize,
+    pub admission: AdmissionLimits,
+    pub caps: Caps,
     pub header_read_timeout: Duration,
     pub limits: Limits,
     /// How streams are written (ping, ready timeout, coalescing, stall timeout, buffers).
@@ -50,7 +53,8 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("broker", &self.broker)
-            .field("max_connections", &self.max_connections)
+            .field("admission", &self.admission)
+            .field("caps", &self.caps)
             .field("limits", &self.limits)
             .field("stream", &self.stream)
             .field("tcp_keepalive", &self.tcp_keepalive)
@@ -64,7 +68,7 @@ impl std::fmt::Debug for Config {
 #[derive(Clone, Debug)]
 pub enum BrokerSettings {
     /// RabbitMQ or Pulse.
-    Amqp(AmqpSettings),
+    Amqp(Box<AmqpSettings>),
     /// The in-process broker, optionally with the demo generator.
     Embedded(Demo),
 }
@@ -92,6 +96,12 @@ pub enum ConfigError {
     DemoRate,
     #[error("{0} must be at most {1}")]
     TooLong(&'static str, &'static str),
+    #[error(
+        "no broker is configured (AMQP_URL or PULSE_HOSTNAME) and LISTEN_ADDRESS is not a loopback address: this would serve demo data, with an unauthenticated publish endpoint, beyond this machine. Configure a broker, or set EMBEDDED_BROKER=true to run the embedded broker on purpose"
+    )]
+    EmbeddedBeyondLoopback,
+    #[error("TRUSTED_PROXIES: {0:?} is not an address or a network such as 10.0.0.0/8")]
+    BadNetwork(String),
 }
 
 impl Config {
@@ -140,111 +150,42 @@ impl Config {
 
     /// Validates parsed arguments.
     pub fn from_args(args: Args, hostname: String) -> Result<Self, ConfigError> {
-        let broker = match broker_uri(&args)? {
-            Some(uri) => {
-                let user = if uri.authority.userinfo.username.is_empty() {
-                    "guest".to_owned()
-                } else {
-                    uri.authority.userinfo.username.clone()
-                };
-                let queue_prefix = args
-                    .queue_prefix
-                    .clone()
-                    .unwrap_or_else(|| format!("queue/{user}/events-gateway"));
-                if queue_prefix.len() > 150 {
-                    return Err(ConfigError::QueuePrefix(queue_prefix.len()));
-                }
-                BrokerSettings::Amqp(AmqpSettings {
-                    uri,
-                    queue_prefix,
-                    prefetch: args.prefetch,
-                    queue_max_length: args.queue_max_length,
-                    queue_expires: args.queue_expires,
-                    exchange_check_interval: args.exchange_check_interval,
-                })
-            }
-            None => {
-                if !(0.01..=10_000.0).contains(&args.demo_rate) {
-                    return Err(ConfigError::DemoRate);
-                }
-                BrokerSettings::Embedded(Demo {
-                    enabled: args.demo,
-                    rate: args.demo_rate,
-                })
-            }
+        let broker = broker_settings(&args)?;
+        check_not_zero(&args)?;
+        check_bounded(&args)?;
+        let listen = listen_address(&args, &broker)?;
+        let list = |text: &str| -> Vec<String> {
+            text.split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect()
         };
-        for (name, value) in [
-            ("MAX_BINDINGS", args.max_bindings),
-            ("MAX_CONNECTIONS", args.max_connections),
-            ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
-            ("SUBSCRIPTION_BUFFER_BYTES", args.subscription_buffer_bytes),
-            ("STALL_TIMEOUT", args.stall_timeout.as_millis() as usize),
-            ("TCP_KEEPALIVE", args.tcp_keepalive.as_secs() as usize),
-            ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
-            ("PREFETCH", args.prefetch as usize),
-            ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
-            ("READY_TIMEOUT", args.ready_timeout.as_millis() as usize),
-            (
-                "HEADER_READ_TIMEOUT",
-                args.header_read_timeout.as_millis() as usize,
-            ),
-            ("QUEUE_EXPIRES", args.queue_expires.as_millis() as usize),
-            (
-                "EXCHANGE_CHECK_INTERVAL",
-                args.exchange_check_interval.as_millis() as usize,
-            ),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::Zero(name));
-            }
-        }
-        const DAY: Duration = Duration::from_secs(24 * 3600);
-        for (name, value, max, max_text) in [
-            ("PING_INTERVAL", args.ping_interval, DAY, "24h"),
-            ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
-            ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
-            ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
-            ("STALL_TIMEOUT", args.stall_timeout, DAY, "24h"),
-            ("TCP_KEEPALIVE", args.tcp_keepalive, DAY, "24h"),
-            (
-                "EXCHANGE_CHECK_INTERVAL",
-                args.exchange_check_interval,
-                DAY,
-                "24h",
-            ),
-            (
-                "WRITE_COALESCE",
-                args.write_coalesce,
-                Duration::from_secs(10),
-                "10s",
-            ),
-            // x-expires is a 32-bit count of milliseconds.
-            (
-                "QUEUE_EXPIRES",
-                args.queue_expires,
-                Duration::from_secs(30 * 24 * 3600),
-                "30 days",
-            ),
-        ] {
-            if value > max {
-                return Err(ConfigError::TooLong(name, max_text));
-            }
-        }
-        let allowed_exchange_prefixes = args
-            .allowed_exchange_prefixes
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let trusted_proxies = list(&args.trusted_proxies)
+            .iter()
+            .map(|p| parse_network(p))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            listen: SocketAddr::new(args.listen_address, args.port),
+            listen: SocketAddr::new(listen, args.port),
             broker,
-            max_connections: args.max_connections,
+            admission: AdmissionLimits {
+                max_connections: args.max_connections,
+                per_address: args.max_connections_per_address,
+                subscription_rate: args.address_subscription_rate,
+                subscription_burst: f64::from(args.address_subscription_burst),
+                trusted_proxies,
+            },
+            caps: Caps {
+                max_subscriptions: args.max_subscriptions,
+                max_bindings: args.max_broker_bindings,
+                max_exchanges: args.max_exchanges,
+            },
             header_read_timeout: args.header_read_timeout,
             limits: Limits {
                 max_bindings: args.max_bindings,
-                allowed_exchange_prefixes,
+                allowed_exchange_prefixes: list(&args.allowed_exchange_prefixes),
+                max_pattern_words: args.max_pattern_words,
+                max_pattern_hashes: args.max_pattern_wildcards,
             },
             stream: StreamSettings {
                 ping_interval: args.ping_interval,
@@ -266,6 +207,145 @@ impl Config {
             print_manifest: args.print_manifest,
         })
     }
+}
+
+/// The broker to use: AMQP (with its queue settings) or the embedded one (with the demo).
+fn broker_settings(args: &Args) -> Result<BrokerSettings, ConfigError> {
+    let Some(uri) = broker_uri(args)? else {
+        if !(0.01..=10_000.0).contains(&args.demo_rate) {
+            return Err(ConfigError::DemoRate);
+        }
+        return Ok(BrokerSettings::Embedded(Demo {
+            enabled: args.demo,
+            rate: args.demo_rate,
+        }));
+    };
+    let user = if uri.authority.userinfo.username.is_empty() {
+        "guest".to_owned()
+    } else {
+        uri.authority.userinfo.username.clone()
+    };
+    let queue_prefix = args
+        .queue_prefix
+        .clone()
+        .unwrap_or_else(|| format!("queue/{user}/events-gateway"));
+    if queue_prefix.len() > 150 {
+        return Err(ConfigError::QueuePrefix(queue_prefix.len()));
+    }
+    Ok(BrokerSettings::Amqp(Box::new(AmqpSettings {
+        uri,
+        queue_prefix,
+        prefetch: args.prefetch,
+        queue_max_length: args.queue_max_length,
+        queue_max_bytes: args.queue_max_bytes as u64,
+        queue_expires: args.queue_expires,
+        exchange_check_interval: args.exchange_check_interval,
+    })))
+}
+
+/// The address to listen on. The embedded broker (its publish endpoint has no
+/// authentication, and its data is a demo) listens on loopback unless told otherwise,
+/// and only with EMBEDDED_BROKER=true beyond it.
+fn listen_address(args: &Args, broker: &BrokerSettings) -> Result<IpAddr, ConfigError> {
+    let embedded = matches!(broker, BrokerSettings::Embedded(_));
+    match args.listen_address {
+        None if embedded => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        None => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        Some(addr) if embedded && !addr.is_loopback() && !args.embedded_broker => {
+            Err(ConfigError::EmbeddedBeyondLoopback)
+        }
+        Some(addr) => Ok(addr),
+    }
+}
+
+/// Settings that make no sense at zero.
+fn check_not_zero(args: &Args) -> Result<(), ConfigError> {
+    for (name, value) in [
+        ("MAX_BINDINGS", args.max_bindings),
+        ("MAX_CONNECTIONS", args.max_connections),
+        (
+            "MAX_CONNECTIONS_PER_ADDRESS",
+            args.max_connections_per_address,
+        ),
+        (
+            "ADDRESS_SUBSCRIPTION_BURST",
+            args.address_subscription_burst as usize,
+        ),
+        ("MAX_SUBSCRIPTIONS", args.max_subscriptions),
+        ("MAX_BROKER_BINDINGS", args.max_broker_bindings),
+        ("MAX_EXCHANGES", args.max_exchanges),
+        ("MAX_PATTERN_WORDS", args.max_pattern_words),
+        ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
+        ("SUBSCRIPTION_BUFFER_BYTES", args.subscription_buffer_bytes),
+        ("STALL_TIMEOUT", args.stall_timeout.as_millis() as usize),
+        ("TCP_KEEPALIVE", args.tcp_keepalive.as_secs() as usize),
+        ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
+        ("QUEUE_MAX_BYTES", args.queue_max_bytes),
+        ("PREFETCH", args.prefetch as usize),
+        ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
+        ("READY_TIMEOUT", args.ready_timeout.as_millis() as usize),
+        (
+            "HEADER_READ_TIMEOUT",
+            args.header_read_timeout.as_millis() as usize,
+        ),
+        ("QUEUE_EXPIRES", args.queue_expires.as_millis() as usize),
+        (
+            "EXCHANGE_CHECK_INTERVAL",
+            args.exchange_check_interval.as_millis() as usize,
+        ),
+    ] {
+        if value == 0 {
+            return Err(ConfigError::Zero(name));
+        }
+    }
+    if !(args.address_subscription_rate > 0.0 && args.address_subscription_rate.is_finite()) {
+        return Err(ConfigError::Zero("ADDRESS_SUBSCRIPTION_RATE"));
+    }
+    Ok(())
+}
+
+/// Durations with an upper bound (beyond it, a typo rather than a choice).
+fn check_bounded(args: &Args) -> Result<(), ConfigError> {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    for (name, value, max, max_text) in [
+        ("PING_INTERVAL", args.ping_interval, DAY, "24h"),
+        ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
+        ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
+        ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
+        ("STALL_TIMEOUT", args.stall_timeout, DAY, "24h"),
+        ("TCP_KEEPALIVE", args.tcp_keepalive, DAY, "24h"),
+        (
+            "EXCHANGE_CHECK_INTERVAL",
+            args.exchange_check_interval,
+            DAY,
+            "24h",
+        ),
+        (
+            "WRITE_COALESCE",
+            args.write_coalesce,
+            Duration::from_secs(10),
+            "10s",
+        ),
+        // x-expires is a 32-bit count of milliseconds.
+        (
+            "QUEUE_EXPIRES",
+            args.queue_expires,
+            Duration::from_secs(30 * 24 * 3600),
+            "30 days",
+        ),
+    ] {
+        if value > max {
+            return Err(ConfigError::TooLong(name, max_text));
+        }
+    }
+    Ok(())
+}
+
+/// An address (`10.1.2.3`) or a network (`10.0.0.0/8`).
+fn parse_network(text: &str) -> Result<ipnet::IpNet, ConfigError> {
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| ConfigError::BadNetwork(text.to_owned()))
 }
 
 /// `AMQP_URL` if given; else the PULSE_* set if `PULSE_HOSTNAME` is given; else none (the

@@ -23,19 +23,19 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use crate::admission::{Slot, Slots};
+use crate::admission::{Admission, Full, Slot};
 use crate::binding::{self, Limits};
 use crate::message::{self, READY};
 use crate::metrics::Metrics;
 use crate::registry::{Client, Registry};
 use crate::subscription::{Conn, Lease, StreamSettings};
-use crate::topology::BindError;
+use crate::topology::{BindError, Refusal};
 use crate::wire::{self, LAST_CHUNK, RequestHead, Version};
 
 /// What connect requests share.
 pub struct Streams {
     pub registry: Arc<Registry>,
-    pub slots: Arc<Slots>,
+    pub admission: Arc<Admission>,
     pub metrics: Metrics,
     pub limits: Limits,
     pub settings: StreamSettings,
@@ -93,27 +93,18 @@ impl Streams {
                 .short_stream(socket, head.version, &frame, reusable)
                 .await;
         }
-        let Some(slot) = self.slots.try_take() else {
-            self.metrics.connection("over_limit");
-            let body = serde_json::json!({"code": "TooManyConnections", "message": "This server has reached its connection limit; try again later."}).to_string();
-            let mut headers = self.headers();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json; charset=utf-8"),
-            );
-            let answer = wire::response(
-                head.version,
-                StatusCode::SERVICE_UNAVAILABLE,
-                &headers,
-                body.as_bytes(),
-                reusable,
-            );
-            return self.answer(socket, &answer, reusable).await;
+        let client_addr = self.admission.client_address(peer.ip(), &head.headers);
+        let slot = match self.admission.try_take(client_addr) {
+            Ok(slot) => slot,
+            Err(full) => return self.full(socket, &head, full, reusable).await,
         };
         let set = match binding::parse_query(head.query.as_deref(), &self.limits) {
             Ok(set) => set,
             Err(err) => {
                 self.metrics.connection("bad_input");
+                if err.is_pattern_limit() {
+                    self.metrics.refused("pattern");
+                }
                 tracing::debug!(%peer, error = %err, "refused bindings");
                 let frame = message::error_frame(&err.to_string());
                 drop(slot);
@@ -125,7 +116,23 @@ impl Streams {
         let span = tracing::info_span!("connection", %peer, bindings = set.len());
         tracing::debug!(parent: &span, "client connected");
         let connected_at = Instant::now();
-        let client = self.registry.subscribe(set);
+        let key = slot.client();
+        let client = match self
+            .registry
+            .subscribe(set, || self.admission.allow_new_subscription(key))
+        {
+            Ok(client) => client,
+            Err(refusal) => {
+                self.metrics.connection("refused");
+                self.metrics.refused(refusal.reason());
+                log_refusal(&refusal, client_addr);
+                let frame = message::error_frame(&refusal.to_string());
+                drop(slot);
+                return self
+                    .short_stream(socket, head.version, &frame, reusable)
+                    .await;
+            }
+        };
         let mut ready = Box::pin(client.ready(self.settings.ready_timeout));
         // Already bound (the common case): the head and `ready` leave in one write.
         let immediate = ready.as_mut().now_or_never();
@@ -185,6 +192,42 @@ impl Streams {
                 After::Done
             }
         }
+    }
+
+    /// The 503 a client gets when a connection limit is reached (before any stream starts).
+    async fn full(
+        &self,
+        socket: TcpStream,
+        head: &RequestHead,
+        full: Full,
+        reusable: bool,
+    ) -> After {
+        let message = match full {
+            Full::Process => {
+                self.metrics.connection("over_limit");
+                "This server has reached its connection limit; try again later."
+            }
+            Full::Address => {
+                self.metrics.connection("over_address_limit");
+                self.metrics.refused("address_connections");
+                "Too many connections from your address; close some, or try again later."
+            }
+        };
+        let body =
+            serde_json::json!({"code": "TooManyConnections", "message": message}).to_string();
+        let mut headers = self.headers();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        let answer = wire::response(
+            head.version,
+            StatusCode::SERVICE_UNAVAILABLE,
+            &headers,
+            body.as_bytes(),
+            reusable,
+        );
+        self.answer(socket, &answer, reusable).await
     }
 
     /// Waits for `ready`, a drain, or the client leaving, whichever comes first.
@@ -292,6 +335,15 @@ impl Streams {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         wire::add_common_headers(&mut headers, &self.cors_origin);
         headers
+    }
+}
+
+/// Logs a refusal, at most once a second (with how many were not logged): a client that
+/// is refused in a loop must not flood the logs.
+fn log_refusal(refusal: &Refusal, client: std::net::IpAddr) {
+    static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
+    if let Some(suppressed) = LIMITER.allow() {
+        tracing::info!(%client, reason = refusal.reason(), suppressed, "new subscription refused: {refusal}");
     }
 }
 

@@ -225,6 +225,7 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::registry::Registry;
     use crate::subscription::{Fanout, StreamSettings};
+    use crate::topology::Caps;
     use crate::topology::Topology;
 
     #[tokio::test]
@@ -233,7 +234,13 @@ mod tests {
         let topology = Arc::new(Topology::new(metrics.clone()));
         let broker = MemoryBroker::new(topology.clone());
         let fanout = Fanout::new(StreamSettings::default(), metrics.clone());
-        let registry = Arc::new(Registry::new(topology, broker.clone(), fanout, metrics));
+        let registry = Arc::new(Registry::new(
+            topology,
+            broker.clone(),
+            fanout,
+            Caps::default(),
+            metrics,
+        ));
         let set = BindingSet::new(
             EXCHANGES
                 .iter()
@@ -243,7 +250,7 @@ mod tests {
                 })
                 .collect(),
         );
-        let client = registry.subscribe(set);
+        let client = registry.subscribe(set, || true).expect("within the caps");
         client
             .ready(Duration::from_secs(1))
             .await

@@ -83,7 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let stop_demo = CancellationToken::new();
     let broker = match &config.broker {
         BrokerSettings::Amqp(settings) => Broker::Amqp(AmqpBroker::start(
-            settings.clone(),
+            (**settings).clone(),
             &config.hostname,
             topology.clone(),
             metrics.clone(),
@@ -112,15 +112,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         topology,
         broker.reconciler(),
         fanout.clone(),
+        config.caps,
         metrics.clone(),
     ));
+    for (kind, value) in [
+        ("connections_per_address", config.admission.per_address),
+        ("subscriptions", config.caps.max_subscriptions),
+        ("broker_bindings", config.caps.max_bindings),
+        ("exchanges", config.caps.max_exchanges),
+    ] {
+        metrics.set_limit(kind, value);
+    }
     let cors_origin: warp::http::HeaderValue = config
         .cors_origin
         .parse()
         .context("CORS_ORIGIN is not a valid header value")?;
     let streams = Arc::new(connect::Streams {
         registry: registry.clone(),
-        slots: admission::Slots::new(config.max_connections, metrics.clone()),
+        admission: admission::Admission::new(config.admission.clone(), metrics.clone()),
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         settings: config.stream.clone(),

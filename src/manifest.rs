@@ -8,7 +8,7 @@ use clap::CommandFactory;
 use serde_json::{Value, json};
 
 use crate::config::{Args, BrokerSettings, Config, HOSTNAME_ENV};
-use crate::metrics::{DROP_REASONS, HTTP_ERRORS, Metrics, OUTCOMES};
+use crate::metrics::{DROP_REASONS, HTTP_ERRORS, LIMITS, Metrics, OUTCOMES, REFUSAL_REASONS};
 
 /// The manifest as JSON, with `config` (the configuration the binary was given, already
 /// validated) in the values it parsed to.
@@ -82,8 +82,8 @@ fn metrics() -> Value {
         "families": families,
         "labels": {
             "outcome": OUTCOMES,
-            "kind": HTTP_ERRORS,
-            "reason": DROP_REASONS,
+            "kind": ([HTTP_ERRORS, LIMITS].concat()),
+            "reason": ([DROP_REASONS, REFUSAL_REASONS].concat()),
         },
     })
 }

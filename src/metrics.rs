@@ -3,8 +3,8 @@
 //! values only: nothing per client, per pattern or per exchange.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Outcomes counted in `events_gateway_connections_total`.
@@ -17,6 +17,26 @@ pub const OUTCOMES: &[&str] = &[
     "over_limit",
     "draining",
     "client_gone",
+    "over_address_limit",
+    "refused",
+];
+
+/// Reasons counted in `events_gateway_refused_total`: which limit refused a client.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "address_connections",
+    "address_rate",
+    "subscriptions",
+    "bindings",
+    "exchanges",
+    "pattern",
+];
+
+/// Limits shown by `events_gateway_limit`.
+pub const LIMITS: &[&str] = &[
+    "connections_per_address",
+    "subscriptions",
+    "broker_bindings",
+    "exchanges",
 ];
 
 /// Kinds counted in `events_gateway_http_connection_errors_total`.
@@ -52,6 +72,9 @@ pub struct MetricsInner {
     pub connections_total: IntCounterVec,
     pub subscriptions: IntGauge,
     pub streams_blocked: IntGauge,
+    pub exchanges: IntGauge,
+    pub refused: IntCounterVec,
+    pub limit: IntGaugeVec,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
     pub broker_queues: IntGauge,
@@ -78,9 +101,30 @@ impl Metrics {
             connections_total: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_connections_total",
-                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (sent away with a reconnect frame during shutdown), client_gone (left before ready or error)",
+                    "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (sent away with a reconnect frame during shutdown), client_gone (left before ready or error), over_address_limit (MAX_CONNECTIONS_PER_ADDRESS), refused (a new subscription over a rate or a cap; see events_gateway_refused_total)",
                 ),
                 &["outcome"],
+            )
+            .expect("valid metric"),
+            exchanges: IntGauge::new(
+                "events_gateway_exchanges",
+                "Exchanges in use by some subscription (each one broker queue and two AMQP channels)",
+            )
+            .expect("valid metric"),
+            refused: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_refused_total",
+                    "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS); all but the first get an error event",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            limit: IntGaugeVec::new(
+                Opts::new(
+                    "events_gateway_limit",
+                    "Configured limits, to compare with their gauges: connections_per_address, subscriptions (events_gateway_subscriptions), broker_bindings (events_gateway_broker_bindings), exchanges (events_gateway_exchanges)",
+                ),
+                &["kind"],
             )
             .expect("valid metric"),
             streams_blocked: IntGauge::new(
@@ -178,6 +222,9 @@ impl Metrics {
             Box::new(m.connections_total.clone()),
             Box::new(m.subscriptions.clone()),
             Box::new(m.streams_blocked.clone()),
+            Box::new(m.exchanges.clone()),
+            Box::new(m.refused.clone()),
+            Box::new(m.limit.clone()),
             Box::new(m.broker_connected.clone()),
             Box::new(m.broker_reconnects.clone()),
             Box::new(m.broker_queues.clone()),
@@ -209,6 +256,12 @@ impl Metrics {
         for reason in DROP_REASONS {
             m.messages_dropped.with_label_values(&[*reason]);
         }
+        for reason in REFUSAL_REASONS {
+            m.refused.with_label_values(&[*reason]);
+        }
+        for kind in LIMITS {
+            m.limit.with_label_values(&[*kind]);
+        }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -224,6 +277,18 @@ impl Metrics {
     /// Counts an HTTP connection that ended with an error (kind one of [`HTTP_ERRORS`]).
     pub fn http_error(&self, kind: &str) {
         self.http_errors.with_label_values(&[kind]).inc();
+    }
+
+    /// Counts a client refused by a limit (reason one of [`REFUSAL_REASONS`]).
+    pub fn refused(&self, reason: &str) {
+        self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Shows a configured limit (kind one of [`LIMITS`]).
+    pub fn set_limit(&self, kind: &str, value: usize) {
+        self.limit
+            .with_label_values(&[kind])
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
     }
 
     /// Counts dropped messages (reason one of [`DROP_REASONS`]).

@@ -13,7 +13,7 @@
 //!   attached to a writer ([`Client::attach`]) or it leaves.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -25,7 +25,7 @@ use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
 use crate::subscription::{Conn, Fanout, Subscription};
-use crate::topology::{BindError, BindState, Topology};
+use crate::topology::{BindError, BindState, Caps, Refusal, Topology};
 
 /// Every live subscription, keyed by its canonical binding set.
 pub struct Registry {
@@ -34,6 +34,9 @@ pub struct Registry {
     broker: Arc<dyn Reconcile>,
     /// What every subscription's writers share (settings, metrics, the stop signal).
     fanout: Arc<Fanout>,
+    caps: Caps,
+    /// Subscriptions in the map (dashmap's `len` locks every shard).
+    count: AtomicUsize,
     metrics: Metrics,
 }
 
@@ -42,6 +45,7 @@ impl Registry {
         topology: Arc<Topology>,
         broker: Arc<dyn Reconcile>,
         fanout: Arc<Fanout>,
+        caps: Caps,
         metrics: Metrics,
     ) -> Self {
         Self {
@@ -49,14 +53,21 @@ impl Registry {
             topology,
             broker,
             fanout,
+            caps,
+            count: AtomicUsize::new(0),
             metrics,
         }
     }
 
     /// Joins (or creates) the subscription for `set`. Every frame sent from now on is
     /// kept for the client; [`Client::ready`] tells when the broker has confirmed every
-    /// binding.
-    pub fn subscribe(self: &Arc<Self>, set: BindingSet) -> Client {
+    /// binding. Creating a subscription (not joining one) takes a token from the client
+    /// (`may_create`, its address's rate) and must fit the global caps.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        set: BindingSet,
+        may_create: impl FnOnce() -> bool,
+    ) -> Result<Client, Refusal> {
         let key = Arc::new(set);
         let (sub, changed) = match self.subscriptions.entry(key.clone()) {
             Entry::Occupied(e) => {
@@ -68,13 +79,21 @@ impl Registry {
                 (sub, changed)
             }
             Entry::Vacant(v) => {
+                if !may_create() {
+                    return Err(Refusal::AddressRate);
+                }
+                let count = self.count.load(Ordering::Acquire);
+                if count >= self.caps.max_subscriptions {
+                    return Err(Refusal::Subscriptions(self.caps.max_subscriptions));
+                }
                 let sub = Arc::new(Subscription::new(key, self.fanout.clone()));
                 // Routed before the shard lock is released: a second client finding this
                 // subscription also finds its bindings in the topology.
-                let changed = self.topology.add(&sub);
+                let changed = self.topology.add(&sub, &self.caps)?;
                 v.insert(sub.clone());
+                self.count.fetch_add(1, Ordering::AcqRel);
                 self.metrics.subscriptions.inc();
-                tracing::info!(bindings = %sub.bindings(), "subscription created");
+                tracing::debug!(bindings = %Abridged(sub.bindings()), "subscription created");
                 (sub, changed)
             }
         };
@@ -83,14 +102,14 @@ impl Registry {
         }
         let pinned_at = sub.pin();
         let statuses = self.topology.statuses(&sub);
-        Client {
+        Ok(Client {
             member: Some(Member {
                 registry: self.clone(),
                 subscription: sub,
             }),
             pinned_at,
             statuses,
-        }
+        })
     }
 
     fn release(&self, sub: &Arc<Subscription>) {
@@ -101,8 +120,9 @@ impl Registry {
             })
             .is_some();
         if removed {
+            self.count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.subscriptions.dec();
-            tracing::info!(bindings = %sub.bindings(), "subscription released");
+            tracing::debug!(bindings = %Abridged(sub.bindings()), "subscription released");
             for exchange in self.topology.remove(sub) {
                 self.broker.exchange_changed(&exchange);
             }
@@ -124,6 +144,31 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.subscriptions.is_empty()
+    }
+}
+
+/// A binding set for a log line: the first few bindings and how many there are (a set
+/// may hold a hundred bindings of 255 bytes each).
+struct Abridged<'a>(&'a BindingSet);
+
+impl std::fmt::Display for Abridged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 3;
+        const MAX_CHARS: usize = 120;
+        for (i, b) in self.0.iter().take(SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            let text = format!("{}:{}", b.exchange, b.pattern);
+            match text.char_indices().nth(MAX_CHARS) {
+                Some((at, _)) => write!(f, "{}…", &text[..at])?,
+                None => f.write_str(&text)?,
+            }
+        }
+        if self.0.len() > SHOWN {
+            write!(f, " (+{} more)", self.0.len() - SHOWN)?;
+        }
+        Ok(())
     }
 }
 
@@ -243,6 +288,7 @@ mod tests {
             topology.clone(),
             recorder.clone(),
             fanout,
+            Caps::default(),
             metrics,
         ));
         (registry, topology, recorder)
@@ -251,8 +297,12 @@ mod tests {
     #[test]
     fn equal_sets_share_one_subscription_and_the_last_leaver_unbinds() {
         let (registry, topology, recorder) = registry();
-        let a = registry.subscribe(set(&[("exchange/x", "a.#"), ("exchange/y", "#")]));
-        let b = registry.subscribe(set(&[("exchange/y", "#"), ("exchange/x", "a.#")]));
+        let a = registry
+            .subscribe(set(&[("exchange/x", "a.#"), ("exchange/y", "#")]), || true)
+            .expect("within the caps");
+        let b = registry
+            .subscribe(set(&[("exchange/y", "#"), ("exchange/x", "a.#")]), || true)
+            .expect("within the caps");
         assert_eq!(registry.len(), 1);
         assert!(Arc::ptr_eq(
             a.subscription().expect("subscribed"),
@@ -274,8 +324,12 @@ mod tests {
     #[test]
     fn overlapping_sets_share_bindings() {
         let (registry, topology, _) = registry();
-        let a = registry.subscribe(set(&[("exchange/x", "a.#")]));
-        let b = registry.subscribe(set(&[("exchange/x", "a.#"), ("exchange/x", "b")]));
+        let a = registry
+            .subscribe(set(&[("exchange/x", "a.#")]), || true)
+            .expect("within the caps");
+        let b = registry
+            .subscribe(set(&[("exchange/x", "a.#"), ("exchange/x", "b")]), || true)
+            .expect("within the caps");
         assert_eq!(registry.len(), 2);
         let mut wanted = topology.wanted("exchange/x");
         wanted.sort();
@@ -289,7 +343,9 @@ mod tests {
     #[tokio::test]
     async fn ready_waits_for_every_binding_and_reports_refusals() {
         let (registry, topology, _) = registry();
-        let client = registry.subscribe(set(&[("exchange/x", "a"), ("exchange/y", "b")]));
+        let client = registry
+            .subscribe(set(&[("exchange/x", "a"), ("exchange/y", "b")]), || true)
+            .expect("within the caps");
         let ready = client.ready(Duration::from_secs(5));
         topology.set_state("exchange/x", "a", BindState::Bound);
         topology.set_state(
@@ -303,7 +359,9 @@ mod tests {
         );
         // A refused binding is not wanted any more, but a new subscription retries it.
         assert!(topology.wanted("exchange/y").is_empty());
-        let other = registry.subscribe(set(&[("exchange/y", "b"), ("exchange/y", "c")]));
+        let other = registry
+            .subscribe(set(&[("exchange/y", "b"), ("exchange/y", "c")]), || true)
+            .expect("within the caps");
         assert_eq!(topology.wanted("exchange/y").len(), 2);
         drop((client, other));
         assert!(topology.exchanges().is_empty());
@@ -312,7 +370,9 @@ mod tests {
     #[tokio::test]
     async fn ready_times_out() {
         let (registry, _, _) = registry();
-        let client = registry.subscribe(set(&[("exchange/x", "a")]));
+        let client = registry
+            .subscribe(set(&[("exchange/x", "a")]), || true)
+            .expect("within the caps");
         let result = client.ready(Duration::from_millis(10)).await;
         assert_eq!(result, Err(BindError::Timeout));
     }
@@ -326,7 +386,9 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..2000 {
                         let pattern = format!("p{}", (i + t) % 3);
-                        let client = registry.subscribe(set(&[("exchange/x", &pattern)]));
+                        let client = registry
+                            .subscribe(set(&[("exchange/x", &pattern)]), || true)
+                            .expect("within the caps");
                         drop(client);
                     }
                 })

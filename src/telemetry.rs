@@ -179,6 +179,47 @@ impl tracing::field::Visit for Visitor<'_> {
     }
 }
 
+/// At most one log line a second from one place, with how many were left out since the
+/// last: for lines any client can cause (a refusal, a malformed message), which must not
+/// flood the logs.
+pub struct RateLimited {
+    /// When the last line was allowed, and how many were left out since.
+    last: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl RateLimited {
+    pub const fn new() -> Self {
+        Self {
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// `Some(left out since the last line)` if a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        match &mut *last {
+            Some((at, suppressed))
+                if now.duration_since(*at) < std::time::Duration::from_secs(1) =>
+            {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                let suppressed = last.map(|(_, s)| s).unwrap_or(0);
+                *last = Some((now, 0));
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+impl Default for RateLimited {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,6 +34,56 @@ pub enum BindState {
     Failed(BindError),
 }
 
+/// Global bounds on what clients may make the gateway (and the broker) hold.
+#[derive(Clone, Copy, Debug)]
+pub struct Caps {
+    /// Distinct subscriptions (binding sets) at once (MAX_SUBSCRIPTIONS).
+    pub max_subscriptions: usize,
+    /// Distinct (exchange, pattern) bindings at once, each one broker binding
+    /// (MAX_BROKER_BINDINGS).
+    pub max_bindings: usize,
+    /// Exchanges in use at once, each one queue, one reconciler and two AMQP channels
+    /// (MAX_EXCHANGES).
+    pub max_exchanges: usize,
+}
+
+impl Default for Caps {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 20_000,
+            max_bindings: 20_000,
+            max_exchanges: 200,
+        }
+    }
+}
+
+/// Why a new subscription was not created. `Display` is the text sent to clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("Too many new subscriptions from your address; try again in a few seconds")]
+    AddressRate,
+    #[error(
+        "This server has reached its limit of {0} distinct subscriptions; try again later, or use bindings other clients already use"
+    )]
+    Subscriptions(usize),
+    #[error("This server has reached its limit of {0} distinct bindings; try again later")]
+    Bindings(usize),
+    #[error("This server has reached its limit of {0} exchanges in use; try again later")]
+    Exchanges(usize),
+}
+
+impl Refusal {
+    /// The reason label of `events_gateway_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::AddressRate => "address_rate",
+            Refusal::Subscriptions(_) => "subscriptions",
+            Refusal::Bindings(_) => "bindings",
+            Refusal::Exchanges(_) => "exchanges",
+        }
+    }
+}
+
 /// Why the broker refused a binding. `Display` is the text sent to clients.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BindError {
@@ -95,11 +145,32 @@ impl Topology {
         self.exchanges.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Routes a new subscription's bindings to it. Returns the exchanges whose wanted
-    /// bindings changed (the broker must reconcile them).
-    pub(crate) fn add(&self, sub: &Arc<Subscription>) -> Vec<String> {
+    /// Routes a new subscription's bindings to it, unless the bindings or exchanges it
+    /// adds would pass `caps`. Returns the exchanges whose wanted bindings changed (the
+    /// broker must reconcile them).
+    pub(crate) fn add(&self, sub: &Arc<Subscription>, caps: &Caps) -> Result<Vec<String>, Refusal> {
         let mut changed = Vec::new();
         let mut map = self.write();
+        let (mut new_exchanges, mut new_bindings) = (Vec::new(), 0);
+        for b in sub.bindings().iter() {
+            match map.get(&b.exchange) {
+                None => {
+                    if !new_exchanges.contains(&&b.exchange) {
+                        new_exchanges.push(&b.exchange);
+                    }
+                    new_bindings += 1;
+                }
+                Some(ex) if !ex.bindings.contains_key(&b.pattern) => new_bindings += 1,
+                Some(_) => {}
+            }
+        }
+        if map.len() + new_exchanges.len() > caps.max_exchanges {
+            return Err(Refusal::Exchanges(caps.max_exchanges));
+        }
+        let bindings: usize = map.values().map(|ex| ex.bindings.len()).sum();
+        if bindings + new_bindings > caps.max_bindings {
+            return Err(Refusal::Bindings(caps.max_bindings));
+        }
         for b in sub.bindings().iter() {
             let ex = map.entry(b.exchange.clone()).or_default();
             ex.trie.insert(&b.pattern, SubRef(sub.clone()));
@@ -121,7 +192,8 @@ impl Topology {
             }
         }
         changed.dedup();
-        changed
+        self.metrics.exchanges.set(map.len() as i64);
+        Ok(changed)
     }
 
     /// Removes a departing subscription. Returns the exchanges whose wanted bindings changed.
@@ -146,6 +218,7 @@ impl Topology {
             }
         }
         changed.dedup();
+        self.metrics.exchanges.set(map.len() as i64);
         changed
     }
 
@@ -327,19 +400,8 @@ fn dedup_by_identity(targets: &mut Vec<Arc<Subscription>>) {
 
 /// Logs a malformed message at most once per second, with how many were suppressed.
 fn log_malformed(exchange: &str, routing_key: &str, err: &crate::message::MalformedBody) {
-    use std::sync::Mutex;
-    use std::time::{Duration, Instant};
-    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let now = Instant::now();
-    match &mut *last {
-        Some((at, suppressed)) if now.duration_since(*at) < Duration::from_secs(1) => {
-            *suppressed += 1;
-        }
-        _ => {
-            let suppressed = last.map(|(_, s)| s).unwrap_or(0);
-            tracing::warn!(exchange, routing_key, error = %err, suppressed, "dropped a message that is not UTF-8 JSON");
-            *last = Some((now, 0));
-        }
+    static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
+    if let Some(suppressed) = LIMITER.allow() {
+        tracing::warn!(exchange, routing_key, error = %err, suppressed, "dropped a message that is not UTF-8 JSON");
     }
 }

@@ -155,8 +155,9 @@ fn push_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
-pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
+/// The security headers of every response, CORS aside: a content security policy that
+/// allows nothing (unless the response has its own), and no MIME sniffing.
+pub fn add_security_headers(h: &mut HeaderMap) {
     // The page sets its own policy (see `page`); everything else allows nothing.
     if !h.contains_key("content-security-policy") {
         h.insert(
@@ -170,6 +171,11 @@ pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
+}
+
+/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
+pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
+    add_security_headers(h);
     h.insert("access-control-allow-origin", cors_origin.clone());
     h.insert("access-control-max-age", HeaderValue::from_static("900"));
     h.insert(

@@ -207,3 +207,40 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn patterns_beyond_the_word_and_wildcard_limits_are_refused() {
+    let limits = Limits {
+        max_pattern_words: 4,
+        max_pattern_hashes: 2,
+        ..Limits::default()
+    };
+    let doc = |pattern: &str| {
+        format!(r#"{{"bindings":[{{"exchange":"exchange/a","routingKeyPattern":"{pattern}"}}]}}"#)
+    };
+    assert!(parse_json(&doc("a.b.#.d"), &limits).is_ok());
+    assert_eq!(
+        parse_json(&doc("a.b.c.d.e"), &limits),
+        Err(BindingError::TooManyWords {
+            index: 0,
+            words: 5,
+            max: 4
+        })
+    );
+    assert_eq!(
+        parse_json(&doc("#.a.#.#"), &limits),
+        Err(BindingError::TooManyHashes {
+            index: 0,
+            hashes: 3,
+            max: 2
+        })
+    );
+    assert_eq!(
+        parse_json(&doc("#.a.#.#"), &limits)
+            .expect_err("refused")
+            .to_string(),
+        "Binding 0: `routingKeyPattern` has 3 `#` wildcards; at most 2 are allowed"
+    );
+    // `#` inside a word is not a wildcard.
+    assert!(parse_json(&doc("a#.b#.c#"), &limits).is_ok());
+}

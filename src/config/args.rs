@@ -10,9 +10,17 @@ use clap::Parser;
 #[derive(Parser, Clone)]
 #[command(name = "events-gateway", version, about)]
 pub struct Args {
-    /// Address to listen on.
-    #[arg(long, env = "LISTEN_ADDRESS", default_value = "0.0.0.0")]
-    pub listen_address: IpAddr,
+    /// Address to listen on. Default: 0.0.0.0 with a broker configured; 127.0.0.1 on the
+    /// embedded broker, whose publish endpoint has no authentication (to serve the demo
+    /// beyond this machine on purpose: --listen-address 0.0.0.0 --embedded-broker).
+    #[arg(long, env = "LISTEN_ADDRESS")]
+    pub listen_address: Option<IpAddr>,
+
+    /// Run on the embedded broker even when listening beyond loopback. Without a broker
+    /// configured, a gateway told to listen on another address refuses to start (it
+    /// would serve demo data, and anyone could publish), unless this says it is meant.
+    #[arg(long, env = "EMBEDDED_BROKER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub embedded_broker: bool,
 
     /// Port to listen on (0 picks a free one).
     #[arg(long, env = "PORT", default_value_t = 12345)]
@@ -64,6 +72,46 @@ pub struct Args {
     #[arg(long, env = "DEMO_RATE", default_value_t = 5.0)]
     pub demo_rate: f64,
 
+    /// Most SSE connections from one client address (an IPv6 client by its /64); more
+    /// get 503. Behind a proxy, see TRUSTED_PROXIES.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_ADDRESS", default_value_t = 1000)]
+    pub max_connections_per_address: usize,
+
+    /// New subscriptions (binding sets nobody uses yet) one client address may create
+    /// per second, on average; more get an `error` event.
+    #[arg(long, env = "ADDRESS_SUBSCRIPTION_RATE", default_value_t = 5.0)]
+    pub address_subscription_rate: f64,
+
+    /// New subscriptions one client address may create at once after a quiet spell.
+    #[arg(long, env = "ADDRESS_SUBSCRIPTION_BURST", default_value_t = 50)]
+    pub address_subscription_burst: u32,
+
+    /// Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For is
+    /// believed, e.g. 10.0.0.0/8 for an ingress in the cluster. Empty: the TCP peer is the
+    /// client (behind an ingress every client would then share its address).
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+
+    /// Most distinct subscriptions (binding sets) at once; more get an `error` event.
+    #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 20_000)]
+    pub max_subscriptions: usize,
+
+    /// Most distinct (exchange, pattern) bindings at once, each one broker binding.
+    #[arg(long, env = "MAX_BROKER_BINDINGS", default_value_t = 20_000)]
+    pub max_broker_bindings: usize,
+
+    /// Most exchanges in use at once, each one queue and two AMQP channels.
+    #[arg(long, env = "MAX_EXCHANGES", default_value_t = 200)]
+    pub max_exchanges: usize,
+
+    /// Most words (`.`-separated) in a routing-key pattern.
+    #[arg(long, env = "MAX_PATTERN_WORDS", default_value_t = 32)]
+    pub max_pattern_words: usize,
+
+    /// Most `#` wildcards in a routing-key pattern (each makes matching backtrack).
+    #[arg(long, env = "MAX_PATTERN_WILDCARDS", default_value_t = 3)]
+    pub max_pattern_wildcards: usize,
+
     /// Most bindings one connection may ask for.
     #[arg(long, env = "MAX_BINDINGS", default_value_t = 100)]
     pub max_bindings: usize,
@@ -103,6 +151,11 @@ pub struct Args {
     /// without closing is noticed by the kernel).
     #[arg(long, env = "TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub tcp_keepalive: Duration,
+
+    /// Most bytes of messages a broker queue holds while the gateway cannot keep up
+    /// (x-max-length-bytes; oldest dropped).
+    #[arg(long, env = "QUEUE_MAX_BYTES", default_value = "64MiB", value_parser = parse_bytes)]
+    pub queue_max_bytes: usize,
 
     /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
     #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]

@@ -22,7 +22,7 @@ fn defaults_run_the_embedded_broker_with_the_demo() {
         BrokerSettings::Embedded(Demo { enabled: true, .. })
     ));
     assert_eq!(c.limits.max_bindings, 100);
-    assert_eq!(c.max_connections, 15_000);
+    assert_eq!(c.admission.max_connections, 15_000);
     assert_eq!(c.stream.ping_interval, Duration::from_secs(20));
 }
 
@@ -89,4 +89,51 @@ fn bad_settings_are_named_without_their_value() {
     assert_eq!(err.to_string(), "MAX_BINDINGS must be greater than zero");
     let err = parse(&["--ping-interval", "1000years"]).expect_err("too long");
     assert_eq!(err.to_string(), "PING_INTERVAL must be at most 24h");
+}
+
+#[test]
+fn the_embedded_broker_stays_on_loopback_unless_meant() {
+    let c = parse(&[]).expect("defaults are valid");
+    assert!(
+        c.listen.ip().is_loopback(),
+        "embedded: 127.0.0.1 by default"
+    );
+    let c = parse(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"]).expect("valid");
+    assert!(c.listen.ip().is_unspecified(), "with a broker: 0.0.0.0");
+    let err = parse(&["--listen-address", "0.0.0.0"]).expect_err("demo data beyond loopback");
+    assert_eq!(
+        err.to_string(),
+        ConfigError::EmbeddedBeyondLoopback.to_string()
+    );
+    let c =
+        parse(&["--listen-address", "0.0.0.0", "--embedded-broker=true"]).expect("meant: allowed");
+    assert!(c.listen.ip().is_unspecified());
+    assert!(parse(&["--listen-address", "::1"]).is_ok(), "IPv6 loopback");
+}
+
+#[test]
+fn abuse_limits_are_parsed_and_checked() {
+    let c = parse(&[
+        "--trusted-proxies",
+        "10.0.0.0/8, 192.0.2.7",
+        "--max-connections-per-address=7",
+        "--max-exchanges=9",
+    ])
+    .expect("valid");
+    assert_eq!(c.admission.trusted_proxies.len(), 2);
+    assert_eq!(c.admission.per_address, 7);
+    assert_eq!(c.caps.max_exchanges, 9);
+    assert_eq!(c.limits.max_pattern_hashes, 3);
+    let err = parse(&["--trusted-proxies", "10.0.0.0/99"]).expect_err("not a network");
+    assert!(err.to_string().starts_with("TRUSTED_PROXIES"), "{err}");
+    let err = parse(&["--address-subscription-rate=0"]).expect_err("zero");
+    assert_eq!(
+        err.to_string(),
+        "ADDRESS_SUBSCRIPTION_RATE must be greater than zero"
+    );
+    let c = parse(&["--queue-max-bytes=1MiB", "--amqp-url=amqp://h/%2f"]).expect("valid");
+    match c.broker {
+        BrokerSettings::Amqp(a) => assert_eq!(a.queue_max_bytes, 1024 * 1024),
+        BrokerSettings::Embedded(_) => panic!("AMQP"),
+    }
 }

@@ -34,6 +34,7 @@ use crate::registry::Registry;
 
 pub use connect::CONNECT_PATHS;
 pub use health::BUILD_ENV;
+pub use publish::{MAX_CC, SameOriginOnly};
 
 /// Every path the gateway answers (a connect path stands for its variants with a final
 /// `/`); the manifest (`--print-manifest`) and the deployment check read it.
@@ -97,7 +98,11 @@ pub fn routes(
         .recover(rejection_response)
         .unify()
         .map(move |mut resp: Response| {
-            crate::wire::add_common_headers(resp.headers_mut(), &cors);
+            if resp.extensions().get::<SameOriginOnly>().is_some() {
+                crate::wire::add_security_headers(resp.headers_mut());
+            } else {
+                crate::wire::add_common_headers(resp.headers_mut(), &cors);
+            }
             resp
         })
 }
@@ -126,8 +131,8 @@ fn page() -> impl Route {
     })
 }
 
-/// `OPTIONS *`: the CORS preflight. Not `warp::options()`: its method rejection would
-/// turn every unknown path into 405.
+/// `OPTIONS *`: the CORS preflight (it allows no other origin for publish). Not
+/// `warp::options()`: its method rejection would turn every unknown path into 405.
 fn preflight() -> impl Route {
     warp::method()
         .and_then(|method: warp::http::Method| async move {
@@ -138,9 +143,13 @@ fn preflight() -> impl Route {
             }
         })
         .untuple_one()
-        .map(|| {
+        .and(warp::path::full())
+        .map(|path: warp::path::FullPath| {
             let mut resp = Response::new(Default::default());
             *resp.status_mut() = StatusCode::NO_CONTENT;
+            if path.as_str().trim_end_matches('/') == publish::PATH {
+                resp.extensions_mut().insert(SameOriginOnly);
+            }
             resp
         })
 }

@@ -1,4 +1,10 @@
 //! `POST /api/events/v1/publish`: the embedded broker's way in (404 in AMQP mode).
+//!
+//! It has no authentication (the embedded broker is for trying the gateway out), so it
+//! is kept from other origins: it takes only `Content-Type: application/json` (a web page
+//! elsewhere can only post that after a CORS preflight) and neither its answers nor the
+//! preflight for its path allow another origin ([`SameOriginOnly`]). A cross-site form
+//! post therefore gets 415, and a cross-site script is stopped by its browser.
 
 use std::sync::Arc;
 
@@ -13,6 +19,15 @@ use crate::broker::Broker;
 
 /// Largest body the route accepts.
 const MAX_PUBLISH_BYTES: u64 = 1024 * 1024;
+/// Most `cc` entries in one message (each is matched against every pattern).
+pub const MAX_CC: usize = 64;
+
+/// The path of the route.
+pub(super) const PATH: &str = "/api/events/v1/publish";
+
+/// Marks a response (in its extensions) that must not carry CORS headers.
+#[derive(Clone, Copy, Debug)]
+pub struct SameOriginOnly;
 
 /// A message for the embedded broker.
 #[derive(serde::Deserialize)]
@@ -36,14 +51,21 @@ pub(super) fn route(state: Arc<State>) -> impl Route {
                 Broker::Amqp(_) => Err(warp::reject::not_found()),
             }
         })
+        .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::content_length_limit(MAX_PUBLISH_BYTES))
         .and(warp::body::bytes())
-        .map(publish)
+        .map(
+            |state: Arc<State>, content_type: Option<String>, body: Bytes| {
+                let mut resp = publish(state, content_type.as_deref(), body);
+                resp.extensions_mut().insert(SameOriginOnly);
+                resp
+            },
+        )
 }
 
 /// Routes one message to the subscriptions it matches, like a topic exchange. Answers
 /// how many it reached.
-fn publish(state: Arc<State>, body: Bytes) -> Response {
+fn publish(state: Arc<State>, content_type: Option<&str>, body: Bytes) -> Response {
     let Broker::Memory(broker) = &state.broker else {
         return json(
             StatusCode::NOT_FOUND,
@@ -56,6 +78,15 @@ fn publish(state: Arc<State>, body: Bytes) -> Response {
             &serde_json::json!({"code": "InvalidRequest", "message": message}),
         )
     };
+    let is_json = content_type
+        .and_then(|t| t.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return json(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            &serde_json::json!({"code": "UnsupportedMediaType", "message": "publish takes Content-Type: application/json"}),
+        );
+    }
     let msg: Publish = match serde_json::from_slice(&body) {
         Ok(msg) => msg,
         Err(err) => {
@@ -68,6 +99,9 @@ fn publish(state: Arc<State>, body: Bytes) -> Response {
         .chain(std::iter::once(&msg.routing_key))
         .chain(msg.cc.iter())
         .any(|s| s.len() > MAX_NAME_BYTES);
+    if msg.cc.len() > MAX_CC {
+        return bad(format!("at most {MAX_CC} cc entries"));
+    }
     if too_long || msg.exchange.is_empty() {
         return bad(format!(
             "exchange must be non-empty; exchange, routingKey and cc entries at most {MAX_NAME_BYTES} bytes"

@@ -46,6 +46,8 @@ pub struct AmqpSettings {
     pub queue_prefix: String,
     pub prefetch: u16,
     pub queue_max_length: u32,
+    /// x-max-length-bytes of each queue.
+    pub queue_max_bytes: u64,
     pub queue_expires: Duration,
     /// How often a reconciler checks that its exchange still exists.
     pub exchange_check_interval: Duration,
@@ -58,6 +60,7 @@ impl std::fmt::Debug for AmqpSettings {
             .field("queue_prefix", &self.queue_prefix)
             .field("prefetch", &self.prefetch)
             .field("queue_max_length", &self.queue_max_length)
+            .field("queue_max_bytes", &self.queue_max_bytes)
             .field("queue_expires", &self.queue_expires)
             .field("exchange_check_interval", &self.exchange_check_interval)
             .finish()

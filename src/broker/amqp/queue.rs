@@ -54,7 +54,8 @@ impl Reconciler {
     }
 
     /// `x-expires` (the queue outlives a short outage but not the process), and
-    /// `x-max-length` with drop-head (the broker never holds an unbounded backlog).
+    /// `x-max-length` and `x-max-length-bytes` with drop-head (the broker never holds an
+    /// unbounded backlog, in messages or in bytes).
     fn queue_arguments(&self) -> FieldTable {
         let settings = &self.broker.settings;
         let expires_ms = settings
@@ -66,6 +67,10 @@ impl Reconciler {
         args.insert(
             "x-max-length".into(),
             AMQPValue::LongUInt(settings.queue_max_length),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(i64::try_from(settings.queue_max_bytes).unwrap_or(i64::MAX)),
         );
         args.insert(
             "x-overflow".into(),
@@ -132,7 +137,11 @@ impl Reconciler {
             return Err(Retry::from(err));
         };
         self.ops = None;
-        tracing::info!(exchange = %self.exchange, error = %refused, "bindings refused");
+        // Any client can cause this (an exchange that does not exist): rate-limited.
+        static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
+        if let Some(suppressed) = LIMITER.allow() {
+            tracing::info!(exchange = %self.exchange, error = %refused, suppressed, "bindings refused");
+        }
         // Clients still waiting learn it from their `ready` watch; clients already
         // streaming (the exchange vanished during an outage) get the error too.
         self.broker

@@ -79,6 +79,10 @@ impl TestGateway {
             format!("--queue-prefix={queue_prefix}"),
             "--shutdown-grace=5s".to_owned(),
             format!("--amqp-url={}", amqp_url()),
+            // Every test client comes from 127.0.0.1: the per-address limits are tested
+            // on their own, from several loopback addresses.
+            "--max-connections-per-address=100000".to_owned(),
+            "--address-subscription-burst=100000".to_owned(),
         ];
         let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
         let mut args = vec!["events-gateway".to_owned()];
