@@ -1,6 +1,8 @@
-//! Admission of SSE connections and of new subscriptions: at most `max` connections in
-//! the process, at most `per_address` from one client address, and new subscriptions
-//! from one address at a bounded rate (a token bucket).
+//! Admission of SSE connections and of what they ask for: at most `max` connections in
+//! the process, at most `per_address` from one client address; the connections of one
+//! address may together hold at most so many bindings and so many distinct exchanges (so
+//! that one address cannot use up the global caps every other client needs); and new
+//! subscriptions from one address come at a bounded rate (a token bucket).
 //!
 //! Invariants:
 //! - a [`Slot`] is held for exactly as long as its connection streams (or waits for
@@ -15,6 +17,7 @@
 //!   trusted proxy itself (what a chain of trusted proxies appended). An IPv6 client
 //!   counts by its /64, which one host usually holds whole.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,6 +27,7 @@ use dashmap::DashMap;
 use ipnet::IpNet;
 use warp::http::HeaderMap;
 
+use crate::binding::BindingSet;
 use crate::metrics::Metrics;
 
 /// What admission allows.
@@ -37,6 +41,12 @@ pub struct AdmissionLimits {
     pub subscription_rate: f64,
     /// ... and at once after a quiet spell (ADDRESS_SUBSCRIPTION_BURST).
     pub subscription_burst: f64,
+    /// Bindings the connections of one address may hold together, counted per
+    /// connection (MAX_BINDINGS_PER_ADDRESS).
+    pub bindings_per_address: usize,
+    /// Distinct exchanges the connections of one address may use together
+    /// (MAX_EXCHANGES_PER_ADDRESS).
+    pub exchanges_per_address: usize,
     /// Proxies whose `X-Forwarded-For` is believed (TRUSTED_PROXIES).
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -48,7 +58,33 @@ impl Default for AdmissionLimits {
             per_address: 1_000,
             subscription_rate: 5.0,
             subscription_burst: 50.0,
+            bindings_per_address: 5_000,
+            exchanges_per_address: 50,
             trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Why an address may not hold what a connection asks for. `Display` is the text sent
+/// to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OverShare {
+    #[error(
+        "The connections from your address hold too many bindings (at most {0} together); close some first"
+    )]
+    Bindings(usize),
+    #[error(
+        "The connections from your address use too many exchanges (at most {0} together); close some first"
+    )]
+    Exchanges(usize),
+}
+
+impl OverShare {
+    /// The reason label of `events_gateway_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            OverShare::Bindings(_) => "address_bindings",
+            OverShare::Exchanges(_) => "address_exchanges",
         }
     }
 }
@@ -92,9 +128,13 @@ impl std::fmt::Display for ClientKey {
     }
 }
 
-/// One address's connections and subscription tokens.
+/// One address's connections, what they hold, and its subscription tokens.
 struct AddressState {
     connections: usize,
+    /// Bindings its connections hold, each counted per connection.
+    bindings: usize,
+    /// The exchanges its connections use, with how many connections use each.
+    exchanges: HashMap<Arc<str>, usize>,
     tokens: f64,
     refilled_at: Instant,
 }
@@ -174,6 +214,8 @@ impl Admission {
         let taken = {
             let mut state = self.addresses.entry(key).or_insert_with(|| AddressState {
                 connections: 0,
+                bindings: 0,
+                exchanges: HashMap::new(),
                 tokens: self.limits.subscription_burst,
                 refilled_at: Instant::now(),
             });
@@ -204,6 +246,8 @@ impl Admission {
         Ok(Slot {
             admission: self.clone(),
             key,
+            bindings: 0,
+            exchanges: Vec::new(),
         })
     }
 
@@ -232,23 +276,35 @@ impl Admission {
         self.addresses.len()
     }
 
-    fn release(&self, key: ClientKey) {
+    fn release(&self, slot: &mut Slot) {
         self.open.fetch_sub(1, Ordering::AcqRel);
         self.metrics.connections_open.dec();
         // The state goes with the last connection if its bucket is full; otherwise it
         // stays until a sweep finds it refilled.
         let now = Instant::now();
-        self.addresses.remove_if_mut(&key, |_, state| {
+        self.addresses.remove_if_mut(&slot.key, |_, state| {
             state.connections = state.connections.saturating_sub(1);
+            state.bindings = state.bindings.saturating_sub(slot.bindings);
+            for exchange in slot.exchanges.drain(..) {
+                if let Some(n) = state.exchanges.get_mut(&exchange) {
+                    *n -= 1;
+                    if *n == 0 {
+                        state.exchanges.remove(&exchange);
+                    }
+                }
+            }
             state.idle(now, &self.limits)
         });
     }
 }
 
-/// One open SSE connection; dropping it frees the slot.
+/// One open SSE connection, and what it holds of its address's share; dropping it frees
+/// both.
 pub struct Slot {
     admission: Arc<Admission>,
     key: ClientKey,
+    bindings: usize,
+    exchanges: Vec<Arc<str>>,
 }
 
 impl Slot {
@@ -256,11 +312,43 @@ impl Slot {
     pub fn client(&self) -> ClientKey {
         self.key
     }
+
+    /// Counts `set` against the address's share, or says which share it would pass.
+    pub fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
+        let limits = &self.admission.limits;
+        let Some(mut state) = self.admission.addresses.get_mut(&self.key) else {
+            return Ok(());
+        };
+        if state.bindings + set.len() > limits.bindings_per_address {
+            return Err(OverShare::Bindings(limits.bindings_per_address));
+        }
+        let mut wanted: Vec<&str> = set.iter().map(|b| b.exchange.as_str()).collect();
+        wanted.dedup();
+        let new = wanted
+            .iter()
+            .filter(|e| !state.exchanges.contains_key(**e))
+            .count();
+        if state.exchanges.len() + new > limits.exchanges_per_address {
+            return Err(OverShare::Exchanges(limits.exchanges_per_address));
+        }
+        state.bindings += set.len();
+        self.bindings = set.len();
+        for exchange in wanted {
+            let key = match state.exchanges.get_key_value(exchange) {
+                Some((key, _)) => key.clone(),
+                None => Arc::from(exchange),
+            };
+            *state.exchanges.entry(key.clone()).or_insert(0) += 1;
+            self.exchanges.push(key);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.admission.release(self.key);
+        let admission = self.admission.clone();
+        admission.release(self);
     }
 }
 
@@ -326,6 +414,48 @@ mod tests {
         let again = a.try_take("127.0.0.2".parse().expect("ip")).expect("slot");
         assert_eq!(again.client(), key);
         assert!(!a.allow_new_subscription(again.client()));
+    }
+
+    #[test]
+    fn the_connections_of_an_address_share_a_budget_of_bindings_and_exchanges() {
+        use crate::binding::Binding;
+        let set = |exchanges: &[&str], patterns: usize| {
+            BindingSet::new(
+                exchanges
+                    .iter()
+                    .flat_map(|e| {
+                        (0..patterns).map(move |p| Binding {
+                            exchange: (*e).to_owned(),
+                            pattern: format!("p{p}"),
+                        })
+                    })
+                    .collect(),
+            )
+        };
+        let a = admission(AdmissionLimits {
+            bindings_per_address: 10,
+            exchanges_per_address: 3,
+            ..AdmissionLimits::default()
+        });
+        let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+        let mut one = a.try_take(ip).expect("slot");
+        one.hold(&set(&["x", "y"], 3))
+            .expect("6 bindings, 2 exchanges");
+        let mut two = a.try_take(ip).expect("slot");
+        assert_eq!(two.hold(&set(&["x"], 5)), Err(OverShare::Bindings(10)));
+        two.hold(&set(&["x", "y"], 1))
+            .expect("shared exchanges count once");
+        let mut three = a.try_take(ip).expect("slot");
+        assert_eq!(
+            three.hold(&set(&["z", "w"], 1)),
+            Err(OverShare::Exchanges(3))
+        );
+        drop((one, two));
+        three.hold(&set(&["z", "w", "v"], 1)).expect("room again");
+        let mut other = a.try_take("127.0.0.3".parse().expect("ip")).expect("slot");
+        other
+            .hold(&set(&["a", "b", "c"], 3))
+            .expect("another address");
     }
 
     #[test]

@@ -173,6 +173,8 @@ impl Config {
                 per_address: args.max_connections_per_address,
                 subscription_rate: args.address_subscription_rate,
                 subscription_burst: f64::from(args.address_subscription_burst),
+                bindings_per_address: args.max_bindings_per_address,
+                exchanges_per_address: args.max_exchanges_per_address,
                 trusted_proxies,
             },
             caps: Caps {
@@ -272,6 +274,8 @@ fn check_not_zero(args: &Args) -> Result<(), ConfigError> {
             args.address_subscription_burst as usize,
         ),
         ("MAX_SUBSCRIPTIONS", args.max_subscriptions),
+        ("MAX_BINDINGS_PER_ADDRESS", args.max_bindings_per_address),
+        ("MAX_EXCHANGES_PER_ADDRESS", args.max_exchanges_per_address),
         ("MAX_BROKER_BINDINGS", args.max_broker_bindings),
         ("MAX_EXCHANGES", args.max_exchanges),
         ("MAX_PATTERN_WORDS", args.max_pattern_words),

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use crate::admission::{Admission, Full, Slot};
+use crate::admission::{Admission, Full, OverShare, Slot};
 use crate::binding::{self, Limits};
 use crate::message::{self, READY};
 use crate::metrics::Metrics;
@@ -94,7 +94,7 @@ impl Streams {
                 .await;
         }
         let client_addr = self.admission.client_address(peer.ip(), &head.headers);
-        let slot = match self.admission.try_take(client_addr) {
+        let mut slot = match self.admission.try_take(client_addr) {
             Ok(slot) => slot,
             Err(full) => return self.full(socket, &head, full, reusable).await,
         };
@@ -113,6 +113,16 @@ impl Streams {
                     .await;
             }
         };
+        if let Err(over) = slot.hold(&set) {
+            self.metrics.connection("refused");
+            self.metrics.refused(over.reason());
+            log_refusal(&over, client_addr);
+            let frame = message::error_frame(&over.to_string());
+            drop(slot);
+            return self
+                .short_stream(socket, head.version, &frame, reusable)
+                .await;
+        }
         let span = tracing::info_span!("connection", %peer, bindings = set.len());
         tracing::debug!(parent: &span, "client connected");
         let connected_at = Instant::now();
@@ -340,10 +350,27 @@ impl Streams {
 
 /// Logs a refusal, at most once a second (with how many were not logged): a client that
 /// is refused in a loop must not flood the logs.
-fn log_refusal(refusal: &Refusal, client: std::net::IpAddr) {
+fn log_refusal(refusal: &impl Refused, client: std::net::IpAddr) {
     static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
     if let Some(suppressed) = LIMITER.allow() {
-        tracing::info!(%client, reason = refusal.reason(), suppressed, "new subscription refused: {refusal}");
+        tracing::info!(%client, reason = refusal.reason(), suppressed, "subscription refused: {refusal}");
+    }
+}
+
+/// A refusal by a limit: its text for the client and its metric label.
+trait Refused: std::fmt::Display {
+    fn reason(&self) -> &'static str;
+}
+
+impl Refused for Refusal {
+    fn reason(&self) -> &'static str {
+        Refusal::reason(self)
+    }
+}
+
+impl Refused for OverShare {
+    fn reason(&self) -> &'static str {
+        OverShare::reason(self)
     }
 }
 

@@ -25,6 +25,8 @@ pub const OUTCOMES: &[&str] = &[
 pub const REFUSAL_REASONS: &[&str] = &[
     "address_connections",
     "address_rate",
+    "address_bindings",
+    "address_exchanges",
     "subscriptions",
     "bindings",
     "exchanges",
@@ -114,7 +116,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_refused_total",
-                    "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS); all but the first get an error event",
+                    "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), address_bindings (MAX_BINDINGS_PER_ADDRESS), address_exchanges (MAX_EXCHANGES_PER_ADDRESS), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS); all but the first get an error event",
                 ),
                 &["reason"],
             )

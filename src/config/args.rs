@@ -86,6 +86,17 @@ pub struct Args {
     #[arg(long, env = "ADDRESS_SUBSCRIPTION_BURST", default_value_t = 50)]
     pub address_subscription_burst: u32,
 
+    /// Bindings the connections of one client address may hold together (each counted
+    /// per connection); more get an `error` event. One address cannot then use up
+    /// MAX_BROKER_BINDINGS.
+    #[arg(long, env = "MAX_BINDINGS_PER_ADDRESS", default_value_t = 5_000)]
+    pub max_bindings_per_address: usize,
+
+    /// Distinct exchanges the connections of one client address may use together; more
+    /// get an `error` event. One address cannot then use up MAX_EXCHANGES.
+    #[arg(long, env = "MAX_EXCHANGES_PER_ADDRESS", default_value_t = 50)]
+    pub max_exchanges_per_address: usize,
+
     /// Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For is
     /// believed, e.g. 10.0.0.0/8 for an ingress in the cluster. Empty: the TCP peer is the
     /// client (behind an ingress every client would then share its address).

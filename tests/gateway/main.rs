@@ -2,6 +2,7 @@
 //! with a real RabbitMQ behind it (127.0.0.1:5672, guest/guest; TEST_AMQP_URL overrides).
 //! Without RabbitMQ they fail and say how to start it.
 
+mod abuse;
 mod drain;
 mod embedded;
 mod fanout;

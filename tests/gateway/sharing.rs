@@ -318,109 +318,15 @@ async fn settled_task_count(runtime: &tokio::runtime::RuntimeMetrics) -> usize {
     panic!("the runtime's task count never settled within 10 s (last {last})");
 }
 
-/// The real binary in a child process, so that its RSS is its own.
-struct ChildGateway {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl ChildGateway {
-    async fn start(args: &[&str]) -> Self {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_events-gateway"))
-            .args([
-                "--listen-address=127.0.0.1".to_owned(),
-                "--port=0".to_owned(),
-                format!("--amqp-url={}", amqp_url()),
-                format!(
-                    "--queue-prefix=queue/guest/events-gateway-test-{}",
-                    unique()
-                ),
-                "--log-level=events_gateway=info".to_owned(),
-                "--shutdown-grace=5s".to_owned(),
-            ])
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the gateway binary");
-        // Its port comes from its "listening" log line; the rest of its log is drained so
-        // that it never blocks on a full pipe.
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if let Some(addr) = line
-                    .split_whitespace()
-                    .find_map(|word| word.strip_prefix("local_addr="))
-                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-                {
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let logged = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
-            .await
-            .expect("join");
-        let Ok(addr) = logged else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the gateway binary did not log its address");
-        };
-        let gw = Self { child, addr };
-        let http = reqwest::Client::new();
-        let url = format!("http://{addr}/__heartbeat__");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(resp) = http.get(&url).send().await
-                && resp.status() == 200
-            {
-                return gw;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the gateway binary did not become healthy"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Resident set size in KiB, from /proc.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("read /proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-}
-
-impl Drop for ChildGateway {
-    fn drop(&mut self) {
-        // SIGTERM, so that it drains and deletes its queues; then make sure it is gone.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_client_loses_its_oldest_frames_slows_nobody_and_holds_no_memory() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("stuck").await;
-    let gw = ChildGateway::start(&["--subscription-buffer=64"]).await;
+    let gw = ChildGateway::start(
+        env!("CARGO_BIN_EXE_events-gateway"),
+        &["--subscription-buffer=64"],
+    )
+    .await;
     let path = format!("/api/events/v1/connect/?{}", bindings_query(&[(&ex, "#")]));
     // The stuck client reads up to `ready`, then never again.
     let mut stuck = RawClient::get(gw.addr, &path, &[]).await;

@@ -83,6 +83,8 @@ impl TestGateway {
             // on their own, from several loopback addresses.
             "--max-connections-per-address=100000".to_owned(),
             "--address-subscription-burst=100000".to_owned(),
+            "--max-bindings-per-address=1000000".to_owned(),
+            "--max-exchanges-per-address=100000".to_owned(),
         ];
         let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
         let mut args = vec!["events-gateway".to_owned()];
@@ -304,7 +306,31 @@ pub struct RawClient {
 
 impl RawClient {
     pub async fn get(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> Self {
-        let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        Self::send(stream, addr, path_and_query, headers).await
+    }
+
+    /// The same, from source address `source` (any 127.x.y.z: loopback has them all).
+    pub async fn get_from(
+        source: std::net::IpAddr,
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = socket.connect(addr).await.expect("tcp connect");
+        Self::send(stream, addr, path_and_query, headers).await
+    }
+
+    async fn send(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Self {
         let mut req = format!("GET {path_and_query} HTTP/1.0\r\nHost: {addr}\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -343,6 +369,54 @@ impl RawClient {
                 );
             }
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The answer's status and its first event (`ready`, `error` with its data), read
+    /// within `within`; `None` for the event if the answer has none (a 503).
+    pub async fn first_event(&mut self, within: Duration) -> (u16, Option<(String, String)>) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(at) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..at]).into_owned();
+                let status: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                let body = String::from_utf8_lossy(&self.buf[at + 4..]).into_owned();
+                if status != 200 {
+                    return (status, None);
+                }
+                if let Some(end) = body.find("\n\n") {
+                    let frame = &body[..end];
+                    let field = |name: &str| {
+                        frame
+                            .lines()
+                            .find_map(|l| l.strip_prefix(name))
+                            .unwrap_or_default()
+                            .to_owned()
+                    };
+                    return (status, Some((field("event: "), field("data: "))));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    let head = String::from_utf8_lossy(&self.buf).into_owned();
+                    let status = head
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    return (status, None);
+                }
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(_) => panic!(
+                    "no first event within {within:?}; got {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
         }
     }
 
@@ -567,4 +641,192 @@ pub async fn broker_eventually(
 /// Parses a `message` event's data.
 pub fn message_json(data: &str) -> serde_json::Value {
     serde_json::from_str(data).expect("message data is JSON")
+}
+
+/// The real binary in a child process, so that its RSS, its log and its AMQP channels are
+/// its own. Dropping it sends SIGTERM (it drains and deletes its queues), then kills it.
+pub struct ChildGateway {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub queue_prefix: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ChildGateway {
+    /// Starts `bin` (pass `env!("CARGO_BIN_EXE_events-gateway")`) on 127.0.0.1, port 0,
+    /// against the test broker, logging at info, with `args` added (a flag given there
+    /// replaces the default of the same name).
+    pub async fn start(bin: &str, args: &[&str]) -> Self {
+        let queue_prefix = format!("queue/guest/events-gateway-test-{}", unique());
+        let defaults = [
+            "--listen-address=127.0.0.1".to_owned(),
+            "--port=0".to_owned(),
+            format!("--amqp-url={}", amqp_url()),
+            format!("--queue-prefix={queue_prefix}"),
+            "--log-level=events_gateway=info".to_owned(),
+            "--shutdown-grace=5s".to_owned(),
+        ];
+        let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+        let mut all: Vec<String> = defaults
+            .into_iter()
+            .filter(|d| !args.iter().any(|a| flag(a) == flag(d)))
+            .collect();
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut child = std::process::Command::new(bin)
+            .args(&all)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the gateway binary");
+        // Its port comes from its "listening" log line; every line is kept (tests count
+        // them), and the pipe is drained so that the child never blocks on it.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stdout)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|word| word.strip_prefix("local_addr="))
+                        .and_then(|a| a.parse::<SocketAddr>().ok())
+                    {
+                        let _ = tx.send(addr);
+                    }
+                    log.lock().expect("log").push(line);
+                }
+            });
+        }
+        let logged = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .expect("join");
+        let Ok(addr) = logged else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the gateway binary did not log its address");
+        };
+        let gw = Self {
+            child,
+            addr,
+            queue_prefix,
+            log,
+        };
+        let http = reqwest::Client::new();
+        let url = format!("http://{addr}/__heartbeat__");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(resp) = http.get(&url).send().await
+                && resp.status() == 200
+            {
+                return gw;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway binary did not become healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident set size in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The lines it has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// The value of one metric series (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let body = reqwest::get(format!("http://{}/metrics", self.addr))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("body");
+        metric_value(&body, series).unwrap_or(0.0)
+    }
+
+    /// AMQP channels the broker has open on this process's connections (rabbitmqctl),
+    /// found through the local ports of its sockets to the broker.
+    pub async fn amqp_channels(&self) -> usize {
+        let ports = amqp_local_ports(self.child.id());
+        let listing = rabbitmqctl_output(&["list_channels", "name", "-q"]).await;
+        listing
+            .lines()
+            .filter_map(|l| l.trim().split_once(" -> "))
+            .filter_map(|(from, _)| from.rsplit_once(':'))
+            .filter(|(_, port)| port.parse().is_ok_and(|p: u16| ports.contains(&p)))
+            .count()
+    }
+
+    /// Connects an SSE client from `source` (a loopback address) over HTTP/1.0.
+    pub async fn raw_from(&self, source: std::net::IpAddr, bindings: &[(&str, &str)]) -> RawClient {
+        let path = format!("/api/events/v1/connect/?{}", bindings_query(bindings));
+        RawClient::get_from(source, self.addr, &path, &[]).await
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        // SIGTERM, so that it drains and deletes its queues; then make sure it is gone.
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Local ports of the TCP sockets process `pid` holds to port 5672 (its AMQP links).
+fn amqp_local_ports(pid: u32) -> Vec<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy();
+                    l.strip_prefix("socket:[")
+                        .and_then(|s| s.strip_suffix(']'))
+                        .map(str::to_owned)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            let remote = fields.get(2)?;
+            let inode = fields.get(9)?;
+            let remote_port = u16::from_str_radix(remote.rsplit_once(':')?.1, 16).ok()?;
+            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            (remote_port == 5672 && inodes.iter().any(|i| i == inode)).then_some(local_port)
+        })
+        .collect()
 }
