@@ -167,6 +167,17 @@ impl BindingError {
     }
 }
 
+/// Whether query parameter `name` is set to `1` or `true` (the first one counts).
+pub fn query_flag(raw_query: Option<&str>, name: &str) -> bool {
+    raw_query
+        .and_then(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v == "1" || v.eq_ignore_ascii_case("true"))
+        })
+        .unwrap_or(false)
+}
+
 /// Parses the raw query string of a connect request (without the `?`).
 ///
 /// The first `bindings` parameter counts; others are ignored, as Express did.

@@ -197,8 +197,9 @@ impl Config {
                 log: LogLimits {
                     max_frames: args.subscription_buffer,
                     max_bytes: args.subscription_buffer_bytes,
-                    ..LogLimits::default()
+                    max_age: args.replay_window,
                 },
+                resume_grace: args.resume_grace,
             },
             tcp_keepalive: args.tcp_keepalive,
             cors_origin: args.cors_origin,
@@ -283,6 +284,7 @@ fn check_not_zero(args: &Args) -> Result<(), ConfigError> {
         ("SUBSCRIPTION_BUFFER_BYTES", args.subscription_buffer_bytes),
         ("STALL_TIMEOUT", args.stall_timeout.as_millis() as usize),
         ("TCP_KEEPALIVE", args.tcp_keepalive.as_secs() as usize),
+        ("REPLAY_WINDOW", args.replay_window.as_millis() as usize),
         ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
         ("QUEUE_MAX_BYTES", args.queue_max_bytes),
         ("PREFETCH", args.prefetch as usize),
@@ -317,6 +319,8 @@ fn check_bounded(args: &Args) -> Result<(), ConfigError> {
         ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
         ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),
         ("STALL_TIMEOUT", args.stall_timeout, DAY, "24h"),
+        ("REPLAY_WINDOW", args.replay_window, DAY, "24h"),
+        ("RESUME_GRACE", args.resume_grace, DAY, "24h"),
         ("TCP_KEEPALIVE", args.tcp_keepalive, DAY, "24h"),
         (
             "EXCHANGE_CHECK_INTERVAL",

@@ -64,10 +64,19 @@ impl Streams {
     /// Serves one connect request on `socket`.
     pub async fn serve(&self, mut socket: TcpStream, head: RequestHead, peer: SocketAddr) -> After {
         let reusable = head.keep_alive() && !head.has_body();
+        let resumable = binding::query_flag(head.query.as_deref(), "resume");
+        let last_event_id = head
+            .headers
+            .get("last-event-id")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned());
         // The original gives up reconnecting clients this way: every event has `id: -`,
         // so an EventSource that lost its stream comes back with `Last-Event-Id` and gets
-        // 204, after which it stops for good.
-        if head.headers.contains_key("last-event-id") {
+        // 204, after which it stops for good. A resumable stream resumes instead, unless
+        // its id is `-`: the stream ended on purpose (an `error`), and must not come back.
+        if last_event_id
+            .as_deref()
+            .is_some_and(|id| !resumable || id == "-")
+        {
             self.metrics.connection("no_content");
             let mut headers = self.headers();
             headers.insert(
@@ -88,7 +97,7 @@ impl Streams {
             // reconnect frame sends the browser elsewhere (another replica) after a
             // jittered delay.
             self.metrics.connection("draining");
-            let frame = message::reconnect_frame(message::reconnect_delay_ms());
+            let frame = message::drain_frame(resumable);
             return self
                 .short_stream(socket, head.version, &frame, reusable)
                 .await;
@@ -143,12 +152,20 @@ impl Streams {
                     .await;
             }
         };
+        let mut client = client;
+        let (ready_frame, gap_frame) = match resumable {
+            true => self.resume(&mut client, last_event_id.as_deref()),
+            false => (Bytes::from_static(READY), None),
+        };
         let mut ready = Box::pin(client.ready(self.settings.ready_timeout));
         // Already bound (the common case): the head and `ready` leave in one write.
         let immediate = ready.as_mut().now_or_never();
         let mut out = wire::stream_head(head.version, &self.stream_headers());
+        if let Some(gap) = &gap_frame {
+            wire::push_chunk(&mut out, head.version, gap);
+        }
         if matches!(immediate, Some(Ok(()))) {
-            wire::push_chunk(&mut out, head.version, READY);
+            wire::push_chunk(&mut out, head.version, &ready_frame);
         }
         if !self.write(&mut socket, &out).await {
             self.metrics.connection("client_gone");
@@ -164,7 +181,7 @@ impl Streams {
             Waited::Ready => {
                 if !ready_written {
                     let mut out = Vec::new();
-                    wire::push_chunk(&mut out, head.version, READY);
+                    wire::push_chunk(&mut out, head.version, &ready_frame);
                     if !self.write(&mut socket, &out).await {
                         self.metrics.connection("client_gone");
                         return After::Done;
@@ -175,7 +192,7 @@ impl Streams {
                 self.metrics
                     .time_to_ready
                     .observe(connected_at.elapsed().as_secs_f64());
-                self.stream(client, socket, peer, head.version, slot);
+                self.stream(client, socket, peer, head.version, resumable, slot);
                 After::Done
             }
             Waited::Refused(err) => {
@@ -192,7 +209,7 @@ impl Streams {
             Waited::Draining => {
                 self.metrics.connection("draining");
                 drop(client);
-                let frame = message::reconnect_frame(message::reconnect_delay_ms());
+                let frame = message::drain_frame(resumable);
                 self.end_stream(socket, head.version, &frame, reusable)
                     .await
             }
@@ -256,6 +273,33 @@ impl Streams {
         }
     }
 
+    /// A resumable stream: its subscription keeps a replay window from now on; with a
+    /// `Last-Event-Id`, it reads from just after that position, or starts live after a
+    /// `gap` event that says why not. Returns its `ready` frame (naming its position) and
+    /// the `gap` frame, if any.
+    fn resume(&self, client: &mut Client, last_event_id: Option<&str>) -> (Bytes, Option<Bytes>) {
+        let Some(sub) = client.subscription().cloned() else {
+            return (Bytes::from_static(READY), None);
+        };
+        sub.mark_resumable();
+        let gap = match last_event_id.filter(|id| !id.is_empty()) {
+            None => None,
+            Some(id) => match client.resume(id) {
+                Ok(()) => {
+                    self.metrics.resume("replayed");
+                    None
+                }
+                Err(gap) => {
+                    self.metrics.resume(gap.reason());
+                    let at = sub.position(client.position());
+                    Some(message::gap_frame(gap.reason(), None, &at.id()))
+                }
+            },
+        };
+        let at = sub.position(client.position());
+        (message::ready_frame_at(&at.id()), gap)
+    }
+
     /// Hands the stream to the subscription's writers.
     fn stream(
         &self,
@@ -263,13 +307,14 @@ impl Streams {
         socket: TcpStream,
         peer: SocketAddr,
         version: Version,
+        resumable: bool,
         slot: Slot,
     ) {
         let next_ping = Instant::now() + self.settings.ping_interval;
         let next = client.position();
         client.attach(|member| {
             let lease: Lease = Box::new((member, slot));
-            Conn::new(socket, peer, version, false, next, next_ping, lease)
+            Conn::new(socket, peer, version, resumable, next, next_ping, lease)
         });
     }
 

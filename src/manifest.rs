@@ -8,7 +8,9 @@ use clap::CommandFactory;
 use serde_json::{Value, json};
 
 use crate::config::{Args, BrokerSettings, Config, HOSTNAME_ENV};
-use crate::metrics::{DROP_REASONS, HTTP_ERRORS, LIMITS, Metrics, OUTCOMES, REFUSAL_REASONS};
+use crate::metrics::{
+    DROP_REASONS, HTTP_ERRORS, LIMITS, Metrics, OUTCOMES, REFUSAL_REASONS, RESUME_OUTCOMES,
+};
 
 /// The manifest as JSON, with `config` (the configuration the binary was given, already
 /// validated) in the values it parsed to.
@@ -81,7 +83,7 @@ fn metrics() -> Value {
     json!({
         "families": families,
         "labels": {
-            "outcome": OUTCOMES,
+            "outcome": ([OUTCOMES, RESUME_OUTCOMES].concat()),
             "kind": ([HTTP_ERRORS, LIMITS].concat()),
             "reason": ([DROP_REASONS, REFUSAL_REASONS].concat()),
         },

@@ -160,6 +160,22 @@ pub fn lagged_comment(missed: u64) -> Bytes {
     ))
 }
 
+/// A resumable stream's `gap` event: messages may have been missed (`reason`: why its
+/// position could not be resumed, or `slow` for a client that fell behind), with how many
+/// when known; `id` is the position the stream goes on from.
+pub fn gap_frame(reason: &str, missed: Option<u64>, id: &str) -> Bytes {
+    let data = match missed {
+        Some(n) => serde_json::json!({"reason": reason, "missed": n}),
+        None => serde_json::json!({"reason": reason}),
+    };
+    Bytes::from(format!("event: gap\ndata: {data}\nid: {id}\n\n"))
+}
+
+/// The `ready` frame of a resumable stream: its `id` names the position it starts from.
+pub fn ready_frame_at(id: &str) -> Bytes {
+    Bytes::from(format!("event: ready\ndata: {{}}\nid: {id}\n\n"))
+}
+
 /// An SSE comment telling clients that messages may have been missed: the broker queue
 /// that feeds their subscription was lost (deleted, or expired during an outage).
 pub fn missed_comment(exchange: &str) -> Bytes {
@@ -180,6 +196,17 @@ pub fn reconnect_delay_ms() -> u64 {
 /// and `retry:` spreads the reconnections over time.
 pub fn reconnect_frame(retry_ms: u64) -> Bytes {
     Bytes::from(format!("retry: {retry_ms}\nid:\n\n"))
+}
+
+/// The frame that sends a client elsewhere during a drain: a jittered `retry`, and for the
+/// original protocol an empty `id:`; a resumable stream keeps its id, to resume with it.
+pub fn drain_frame(resumable: bool) -> Bytes {
+    let delay = reconnect_delay_ms();
+    if resumable {
+        Bytes::from(format!("retry: {delay}\n\n"))
+    } else {
+        reconnect_frame(delay)
+    }
 }
 
 /// Checks that `body` is UTF-8 JSON and returns it without insignificant whitespace, as

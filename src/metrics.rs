@@ -33,6 +33,16 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "pattern",
 ];
 
+/// Outcomes counted in `events_gateway_resumes_total`: a resumable client that came back
+/// with its last id was replayed, or started live after a `gap` for one of these reasons.
+pub const RESUME_OUTCOMES: &[&str] = &[
+    "replayed",
+    "invalid-id",
+    "other-epoch",
+    "other-subscription",
+    "expired",
+];
+
 /// Limits shown by `events_gateway_limit`.
 pub const LIMITS: &[&str] = &[
     "connections_per_address",
@@ -76,6 +86,7 @@ pub struct MetricsInner {
     pub streams_blocked: IntGauge,
     pub exchanges: IntGauge,
     pub refused: IntCounterVec,
+    pub resumes: IntCounterVec,
     pub limit: IntGaugeVec,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
@@ -119,6 +130,14 @@ impl Metrics {
                     "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), address_bindings (MAX_BINDINGS_PER_ADDRESS), address_exchanges (MAX_EXCHANGES_PER_ADDRESS), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS); all but the first get an error event",
                 ),
                 &["reason"],
+            )
+            .expect("valid metric"),
+            resumes: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_resumes_total",
+                    "Resumable clients that came back with their last event id, by outcome: replayed (every frame since was written), or the reason of their gap event: invalid-id, other-epoch (a restart or another replica), other-subscription, expired (older than the replay window)",
+                ),
+                &["outcome"],
             )
             .expect("valid metric"),
             limit: IntGaugeVec::new(
@@ -226,6 +245,7 @@ impl Metrics {
             Box::new(m.streams_blocked.clone()),
             Box::new(m.exchanges.clone()),
             Box::new(m.refused.clone()),
+            Box::new(m.resumes.clone()),
             Box::new(m.limit.clone()),
             Box::new(m.broker_connected.clone()),
             Box::new(m.broker_reconnects.clone()),
@@ -261,6 +281,9 @@ impl Metrics {
         for reason in REFUSAL_REASONS {
             m.refused.with_label_values(&[*reason]);
         }
+        for outcome in RESUME_OUTCOMES {
+            m.resumes.with_label_values(&[*outcome]);
+        }
         for kind in LIMITS {
             m.limit.with_label_values(&[*kind]);
         }
@@ -284,6 +307,11 @@ impl Metrics {
     /// Counts a client refused by a limit (reason one of [`REFUSAL_REASONS`]).
     pub fn refused(&self, reason: &str) {
         self.refused.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a resumable client's return (outcome one of [`RESUME_OUTCOMES`]).
+    pub fn resume(&self, outcome: &str) {
+        self.resumes.with_label_values(&[outcome]).inc();
     }
 
     /// Shows a configured limit (kind one of [`LIMITS`]).

@@ -24,7 +24,7 @@ use crate::binding::BindingSet;
 use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::subscription::{Conn, Fanout, Subscription};
+use crate::subscription::{Conn, Fanout, Gap, Subscription};
 use crate::topology::{BindError, BindState, Caps, Refusal, Topology};
 
 /// Every live subscription, keyed by its canonical binding set.
@@ -112,14 +112,58 @@ impl Registry {
         })
     }
 
-    fn release(&self, sub: &Arc<Subscription>) {
+    /// A client leaves. The last one removes the subscription, unless it is resumable:
+    /// then it lingers for the grace period (a reconnect finds its history and its broker
+    /// bindings still there), and goes at the end of it if no client came back.
+    fn release(self: &Arc<Self>, sub: &Arc<Subscription>) {
+        let grace = self.fanout.settings.resume_grace;
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let mut linger = None;
         let removed = self
             .subscriptions
             .remove_if(sub.bindings(), |_, s| {
-                Arc::ptr_eq(s, sub) && s.clients.fetch_sub(1, Ordering::Relaxed) == 1
+                if !Arc::ptr_eq(s, sub) || s.clients.fetch_sub(1, Ordering::Relaxed) != 1 {
+                    return false;
+                }
+                if runtime.is_some() && !grace.is_zero() && s.is_resumable() {
+                    linger = Some(s.lingers.fetch_add(1, Ordering::AcqRel) + 1);
+                    return false;
+                }
+                true
+            })
+            .is_some();
+        if let (Some(generation), Some(runtime)) = (linger, runtime) {
+            let (registry, sub) = (self.clone(), sub.clone());
+            runtime.spawn(async move {
+                tokio::time::sleep(grace).await;
+                registry.expire(&sub, generation);
+            });
+        }
+        if removed {
+            self.forget(sub);
+        }
+    }
+
+    /// The end of a resumable subscription's grace period: it goes if no client came
+    /// back (and no later departure started another grace period).
+    fn expire(&self, sub: &Arc<Subscription>, generation: u64) {
+        let removed = self
+            .subscriptions
+            .remove_if(sub.bindings(), |_, s| {
+                Arc::ptr_eq(s, sub)
+                    && s.clients.load(Ordering::Relaxed) == 0
+                    && s.lingers.load(Ordering::Acquire) == generation
             })
             .is_some();
         if removed {
+            self.forget(sub);
+        }
+    }
+
+    /// A subscription removed from the map: out of the topology (the broker drops the
+    /// bindings nobody else uses).
+    fn forget(&self, sub: &Arc<Subscription>) {
+        {
             self.count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.subscriptions.dec();
             tracing::debug!(bindings = %Abridged(sub.bindings()), "subscription released");
@@ -203,6 +247,15 @@ impl Client {
     /// The log position the client reads from (every frame sent after it subscribed).
     pub fn position(&self) -> u64 {
         self.pinned_at
+    }
+
+    /// A resumable client that reconnects with `last_event_id`: it reads from just after
+    /// that position if the subscription still holds every frame since; otherwise it
+    /// stays live, and is told why.
+    pub fn resume(&mut self, last_event_id: &str) -> Result<(), Gap> {
+        let member = self.member.as_ref().ok_or(Gap::Invalid)?;
+        self.pinned_at = member.subscription.resume(self.pinned_at, last_event_id)?;
+        Ok(())
     }
 
     /// Hands the client's stream to the subscription's writers: `conn` builds it from the

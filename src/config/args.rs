@@ -153,6 +153,17 @@ pub struct Args {
     #[arg(long, env = "SUBSCRIPTION_BUFFER_BYTES", default_value = "8MiB", value_parser = parse_bytes)]
     pub subscription_buffer_bytes: usize,
 
+    /// Resumable streams (`resume=1`): the oldest frame a subscription keeps for a client
+    /// that reconnects (its count and bytes are bounded by SUBSCRIPTION_BUFFER and
+    /// SUBSCRIPTION_BUFFER_BYTES).
+    #[arg(long, env = "REPLAY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub replay_window: Duration,
+
+    /// Resumable streams: how long a subscription, its history and its broker bindings
+    /// outlive its last client, so that a client that reconnects can resume.
+    #[arg(long, env = "RESUME_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resume_grace: Duration,
+
     /// A stream whose socket takes no byte for this long while it has bytes to write is
     /// ended (a client that stopped reading holds no connection slot forever).
     #[arg(long, env = "STALL_TIMEOUT", default_value = "40s", value_parser = humantime::parse_duration)]

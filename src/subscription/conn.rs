@@ -88,6 +88,8 @@ pub struct PassView<'a> {
     pub stall_timeout: std::time::Duration,
     /// The gateway is draining (looked at only by a client that lagged).
     pub draining: &'a dyn Fn() -> bool,
+    /// The `gap` event a resumable client that lagged gets (instead of the comment).
+    pub gap: &'a dyn Fn(&Conn, u64) -> Bytes,
 }
 
 /// What one pass did with one client.
@@ -273,7 +275,11 @@ impl Conn {
                 return self.write(cx, view, parts);
             }
             tracing::debug!(peer = %self.peer, missed, "slow client lost messages");
-            lag_notice = message::lagged_comment(missed);
+            lag_notice = if self.resumable {
+                (view.gap)(self, missed)
+            } else {
+                message::lagged_comment(missed)
+            };
         }
         parts.push_shared(&lag_notice, 0, lag_notice.len());
         let start = usize::try_from(self.next.saturating_sub(view.first)).unwrap_or(usize::MAX);
@@ -327,15 +333,9 @@ impl Conn {
         self.write(cx, view, parts)
     }
 
-    /// The frame that sends a draining gateway's client elsewhere: a jittered `retry`
-    /// and, for the original protocol, an empty `id:` (a resumable stream keeps its id).
+    /// The frame that sends a draining gateway's client elsewhere.
     fn reconnect_frame(&self) -> Bytes {
-        let delay = message::reconnect_delay_ms();
-        if self.resumable {
-            Bytes::from(format!("retry: {delay}\n\n"))
-        } else {
-            message::reconnect_frame(delay)
-        }
+        message::drain_frame(self.resumable)
     }
 
     /// Frames `parts` as one chunk and writes it; keeps what the socket did not take.

@@ -56,6 +56,9 @@ pub struct StreamSettings {
     /// ended (STALL_TIMEOUT).
     pub stall_timeout: Duration,
     pub log: LogLimits,
+    /// How long a resumable subscription (and its broker bindings) outlives its last
+    /// client, for a reconnect to resume (RESUME_GRACE).
+    pub resume_grace: Duration,
 }
 
 impl Default for StreamSettings {
@@ -67,6 +70,7 @@ impl Default for StreamSettings {
             write_coalesce: Duration::from_millis(10),
             stall_timeout: Duration::from_secs(40),
             log: LogLimits::default(),
+            resume_grace: Duration::from_secs(30),
         }
     }
 }
@@ -81,6 +85,9 @@ pub struct Fanout {
     pub draining: CancellationToken,
     /// Cancelled when the server stops: writers close every socket they still hold.
     pub closing: CancellationToken,
+    /// This process's epoch (random at start): resumable ids from another process (a
+    /// restart, another replica) name another epoch and cannot be resumed here.
+    pub epoch: u64,
 }
 
 impl Fanout {
@@ -99,6 +106,7 @@ impl Fanout {
             metrics,
             draining,
             closing: CancellationToken::new(),
+            epoch: fastrand::u64(..),
         })
     }
 }
@@ -106,14 +114,81 @@ impl Fanout {
 /// One distinct binding set, its log and its writers.
 pub struct Subscription {
     bindings: Arc<BindingSet>,
+    /// Random for each subscription (a new one for the same bindings gets another): a
+    /// resumable id names it, so that an id of another subscription never matches, and
+    /// cannot be guessed from the bindings.
+    key: u64,
     fanout: Arc<Fanout>,
     state: Mutex<State>,
     /// Clients holding this subscription; changed only under the registry's shard lock.
     pub(crate) clients: AtomicUsize,
+    /// Bumped each time the last client leaves a resumable subscription, which then
+    /// lingers for the grace period (see the registry).
+    pub(crate) lingers: std::sync::atomic::AtomicU64,
+}
+
+/// What a resumable id names: an epoch, a subscription, a position in its log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub key: u64,
+    pub seq: u64,
+}
+
+impl Position {
+    /// The id text: `<epoch>-<subscription>-<seq>` (hex, hex, decimal).
+    pub fn id(&self) -> String {
+        format!("{:016x}-{:016x}-{}", self.epoch, self.key, self.seq)
+    }
+
+    /// Parses an id; `None` if it is not one this gateway writes.
+    pub fn parse(id: &str) -> Option<Self> {
+        let mut parts = id.trim().splitn(3, '-');
+        let epoch = parts.next().filter(|p| p.len() == 16)?;
+        let key = parts.next().filter(|p| p.len() == 16)?;
+        let seq = parts.next()?;
+        if !seq.bytes().all(|b| b.is_ascii_digit()) || seq.len() > 20 {
+            return None;
+        }
+        Some(Self {
+            epoch: u64::from_str_radix(epoch, 16).ok()?,
+            key: u64::from_str_radix(key, 16).ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+/// Why a resumable client cannot be replayed from its id (it starts live, after a `gap`
+/// event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gap {
+    /// Not an id this gateway writes.
+    Invalid,
+    /// Written by another process (a restart, another replica).
+    OtherEpoch,
+    /// Another subscription's, or one that is gone.
+    OtherSubscription,
+    /// Older than what the replay window keeps.
+    Expired,
+}
+
+impl Gap {
+    /// The `reason` of the `gap` event.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Gap::Invalid => "invalid-id",
+            Gap::OtherEpoch => "other-epoch",
+            Gap::OtherSubscription => "other-subscription",
+            Gap::Expired => "expired",
+        }
+    }
 }
 
 struct State {
     log: Log,
+    /// A client asked for resumable delivery: the log keeps frames for the replay window
+    /// (its bounds), not only while an attached client needs them.
+    resumable: bool,
     shards: Vec<ShardSlot>,
     /// Positions of clients that subscribed but are not attached yet (waiting for
     /// `ready`): the log keeps their frames.
@@ -143,13 +218,16 @@ impl Subscription {
         let log = Log::new(fanout.settings.log);
         Self {
             bindings,
+            key: fastrand::u64(..),
             fanout,
             state: Mutex::new(State {
                 log,
+                resumable: false,
                 shards: Vec::new(),
                 pins: BTreeMap::new(),
             }),
             clients: AtomicUsize::new(1),
+            lingers: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -168,9 +246,8 @@ impl Subscription {
         let mut state = self.state();
         state.log.push(frame);
         if state.shards.is_empty() && state.pins.is_empty() {
-            // Nobody will read it.
-            let next = state.log.next_seq();
-            state.log.retain_from(next, Instant::now());
+            // Nobody will read it now (a resumable subscription keeps it for a reconnect).
+            state.retain(Instant::now());
         }
         for slot in &state.shards {
             slot.shared.waker.wake();
@@ -184,6 +261,60 @@ impl Subscription {
         let at = state.log.next_seq();
         *state.pins.entry(at).or_insert(0) += 1;
         at
+    }
+
+    /// The position just before `seq`, for a resumable id (what a client has received).
+    pub fn position(&self, seq: u64) -> Position {
+        Position {
+            epoch: self.fanout.epoch,
+            key: self.key,
+            seq: seq.saturating_sub(1),
+        }
+    }
+
+    /// The `id:` line of the frame at `seq`, for resumable streams.
+    pub fn id_line(&self, seq: u64) -> bytes::Bytes {
+        let at = Position {
+            epoch: self.fanout.epoch,
+            key: self.key,
+            seq,
+        };
+        bytes::Bytes::from(format!("id: {}\n\n", at.id()))
+    }
+
+    /// From now on the log keeps frames for the replay window, for clients that may
+    /// resume.
+    pub fn mark_resumable(&self) {
+        self.state().resumable = true;
+    }
+
+    /// Whether a client asked for resumable delivery (the subscription then lingers after
+    /// its last client, for a reconnect).
+    pub fn is_resumable(&self) -> bool {
+        self.state().resumable
+    }
+
+    /// Moves a client's pin from `pinned_at` back to just after `id`'s position, if the
+    /// log still holds every frame since. Returns the new position, or why not.
+    pub(crate) fn resume(&self, pinned_at: u64, id: &str) -> Result<u64, Gap> {
+        let at = Position::parse(id).ok_or(Gap::Invalid)?;
+        if at.epoch != self.fanout.epoch {
+            return Err(Gap::OtherEpoch);
+        }
+        if at.key != self.key {
+            return Err(Gap::OtherSubscription);
+        }
+        let from = at.seq.checked_add(1).ok_or(Gap::Invalid)?;
+        let mut state = self.state();
+        if from > state.log.next_seq() {
+            return Err(Gap::Invalid);
+        }
+        if from < state.log.first_seq() {
+            return Err(Gap::Expired);
+        }
+        *state.pins.entry(from).or_insert(0) += 1;
+        state.unpin(pinned_at);
+        Ok(from)
     }
 
     /// Forgets a pin taken by [`Subscription::pin`] (a client that left before `ready`).
@@ -258,11 +389,44 @@ impl State {
         self.retain(Instant::now());
     }
 
-    /// Drops the frames no client needs any more.
+    /// Drops the frames no client needs any more; a resumable subscription keeps what the
+    /// replay window allows (its count, bytes and age bounds) for clients that come back.
     fn retain(&mut self, now: Instant) {
-        let pinned = self.pins.keys().next().copied();
-        let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
-        let from = needed.unwrap_or_else(|| self.log.next_seq());
+        let from = if self.resumable {
+            self.log.first_seq()
+        } else {
+            let pinned = self.pins.keys().next().copied();
+            let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
+            needed.unwrap_or_else(|| self.log.next_seq())
+        };
         self.log.retain_from(from, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_an_epoch_a_subscription_and_a_position() {
+        let at = Position {
+            epoch: 0xfeed,
+            key: u64::MAX,
+            seq: 42,
+        };
+        assert_eq!(at.id(), "000000000000feed-ffffffffffffffff-42");
+        assert_eq!(Position::parse(&at.id()), Some(at));
+        for bad in [
+            "-",
+            "",
+            "42",
+            "000000000000feed-ffffffffffffffff-",
+            "000000000000feed-ffffffffffffffff-4x",
+            "feed-ffffffffffffffff-42",
+            "000000000000feed-ffffffffffffffff-99999999999999999999999",
+            "000000000000fezd-ffffffffffffffff-1",
+        ] {
+            assert_eq!(Position::parse(bad), None, "{bad:?}");
+        }
     }
 }

@@ -54,6 +54,8 @@ struct Shard {
     clients: Vec<Conn>,
     /// This pass's copy of the frames its clients need (reused).
     frames: Vec<Frame>,
+    /// The `id:` line of each of `frames`, when a client of the shard is resumable.
+    ids: Vec<Bytes>,
     /// Frames before this position may be written; later ones wait for the end of the
     /// coalescing window.
     synced: u64,
@@ -75,6 +77,7 @@ impl Shard {
             shared,
             clients: Vec::new(),
             frames: Vec::new(),
+            ids: Vec::new(),
             synced: 0,
             last_flush: None,
             timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -99,13 +102,32 @@ impl Shard {
         let (log_first, first, hold_until) = self.take_clients_and_frames(now);
         let settings = &self.sub.fanout.settings;
         let ping_slack = (settings.ping_interval / 10).min(MAX_PING_SLACK);
+        self.ids.clear();
+        if self.clients.iter().any(Conn::resumable) {
+            let sub = &self.sub;
+            self.ids
+                .extend((0..self.frames.len() as u64).map(|i| sub.id_line(first + i)));
+        }
         let ping: RefCell<Option<Bytes>> = RefCell::new(None);
-        let ping_for = |_: &Conn| {
-            ping.borrow_mut()
+        let ping_for = |conn: &Conn| {
+            let shared = ping
+                .borrow_mut()
                 .get_or_insert_with(|| message::ping_frame(SystemTime::now()))
-                .clone()
+                .clone();
+            if !conn.resumable() {
+                return shared;
+            }
+            // A resumable stream's ping names its position, so that a client that saw no
+            // message can still resume.
+            let mut own = shared[..shared.len() - message::NO_ID.len()].to_vec();
+            own.extend_from_slice(&self.sub.id_line(conn.next().saturating_sub(1)));
+            Bytes::from(own)
         };
         let draining = || self.sub.fanout.draining.is_cancelled();
+        let gap = |conn: &Conn, missed: u64| {
+            let at = self.sub.position(conn.next());
+            message::gap_frame("slow", Some(missed), &at.id())
+        };
         let view = PassView {
             now,
             ping_due_by: now + ping_slack,
@@ -113,11 +135,12 @@ impl Shard {
             first,
             log_first,
             writable_until: self.synced,
-            ids: &[],
+            ids: &self.ids,
             ping: &ping_for,
             ping_interval: settings.ping_interval,
             stall_timeout: settings.stall_timeout,
             draining: &draining,
+            gap: &gap,
         };
         let mut more = false;
         let mut wrote_frames = false;

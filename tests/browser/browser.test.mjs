@@ -1,7 +1,8 @@
 // Real-browser test of the live page: Debian's Chromium (/usr/bin/chromium) driven by
 // playwright-core loads the page from a running gateway (embedded broker), connects,
-// receives published messages, shows a server `error` without reconnecting in a loop, and
-// reconnects by itself when the gateway drains and a new one starts on the same port.
+// receives published messages, shows a server `error` without reconnecting in a loop,
+// reconnects by itself when the gateway drains and a new one starts on the same port, and
+// resumes after a network cut (a proxy in this process) with every message exactly once.
 //
 // Environment:
 //   GATEWAY_BIN      gateway binary (default: ../../target/debug/events-gateway)
@@ -284,10 +285,11 @@ test('connect, receive published messages, filter them, and show the curl comman
 
     // The curl command is the same stream, with the bindings encoded as the README does.
     const curl = await byId(page, 'curl').textContent();
-    const url = `${gw.origin}${CONNECT_PATH}?bindings=${encodeURIComponent(JSON.stringify(EXAMPLE))}`;
+    const url = `${gw.origin}${CONNECT_PATH}?bindings=${encodeURIComponent(JSON.stringify(EXAMPLE))}&resume=1`;
     assert.equal(curl, `curl -N '${url}'`);
     const out = await runShell(`${curl} -s --max-time 2`, 5000);
-    assert.match(out, /^event: ready\ndata: \{\}\nid: -\n/, 'running the curl command prints the ready event');
+    assert.match(out, /^event: ready\ndata: \{\}\nid: [0-9a-f]{16}-[0-9a-f]{16}-\d+\n/,
+      'running the curl command prints the ready event, with its position (resumable)');
 
     await byId(page, 'disconnect').click();
     await waitForStatus(page, '[data-state="closed"][data-ready-state="2"]');
@@ -364,7 +366,13 @@ test('drain and reconnect: the page reconnects by itself to the next gateway on 
 
     const requests = await connects();
     assert.ok(requests.length >= 2, `expected a reconnect, saw ${requests.length} connect requests`);
-    for (const r of requests) assert.equal(r.lastEventId, undefined, 'no request carries Last-Event-Id (it would get 204)');
+    // The page is resumable: the drain kept its id, so it comes back with it; gateway B (another
+    // epoch) cannot replay A's history and says so with a gap, then streams live.
+    assert.equal(requests[0].lastEventId, undefined, 'the first request has no Last-Event-Id');
+    for (const r of requests.slice(1)) {
+      assert.match(r.lastEventId || '', /^[0-9a-f]{16}-[0-9a-f]{16}-\d+$/, 'a reconnect carries the position the drain kept');
+    }
+    assert.match(await byId(page, 'gap').textContent(), /Gap \(other-epoch\)/);
     const log = await byId(page, 'log').textContent();
     assert.match(log, /ready \(reconnected by the browser\)/);
     t.diagnostic(`gateway A exited ${exitMs} ms after SIGTERM; the page was ready on gateway B after ${reconnectMs} ms; ${requests.length} connect requests`);
@@ -374,6 +382,80 @@ test('drain and reconnect: the page reconnects by itself to the next gateway on 
   } finally {
     await stopGateway(a, 'SIGKILL');
     await stopGateway(b);
+  }
+});
+
+/** A TCP proxy to `port` that can cut every connection and refuse new ones. */
+async function startProxy(port) {
+  const sockets = new Set();
+  let refusing = false;
+  const server = net.createServer(client => {
+    if (refusing) { client.destroy(); return; }
+    const upstream = net.connect(port, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', () => {});
+      s.on('close', () => { sockets.delete(s); client.destroy(); upstream.destroy(); });
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  server.listen(0, '127.0.0.1');
+  await once(server, 'listening');
+  const proxyPort = server.address().port;
+  return {
+    port: proxyPort,
+    origin: `http://127.0.0.1:${proxyPort}`,
+    cut() { for (const s of sockets) s.destroy(); },
+    refuse(on) { refusing = on; },
+    close() { this.cut(); server.close(); },
+  };
+}
+
+test('resume after a network cut: Chromium shows every message exactly once', {timeout: 90_000}, async t => {
+  const gw = startGateway(await freePort(), ['--demo', 'false']);
+  let proxy;
+  try {
+    await waitHealthy(gw);
+    proxy = await startProxy(gw.port);
+    // The page, and so its EventSource, reaches the gateway through the proxy.
+    const page = await openPage({...gw, origin: proxy.origin});
+    const connects = recordConnects(page);
+    await byId(page, 'connect').click();
+    await waitForStatus(page, '[data-state="ready"][data-ready-count="1"]');
+    const sent = [];
+    const send = async i => { const m = taskMessage(100 + i); sent.push(m); await publish(gw, m.message); };
+    for (let i = 0; i < 5; i++) await send(i);
+    await page.locator('[data-testid="message"]', {hasText: sent[4].marker}).waitFor();
+
+    // Act: the network goes away for 2 s; 20 messages are published meanwhile.
+    proxy.refuse(true);
+    proxy.cut();
+    for (let i = 5; i < 25; i++) await send(i);
+    await sleep(2000);
+    proxy.refuse(false);
+    await waitForStatus(page, '[data-state="ready"][data-ready-count="2"]', 30_000);
+    for (let i = 25; i < 30; i++) await send(i);
+    await page.locator('[data-testid="message"]', {hasText: sent[29].marker}).waitFor();
+
+    // Assert: every message once, and no gap.
+    const shown = await page.locator('[data-testid="message"]').allTextContents();
+    for (const m of sent) {
+      const times = shown.filter(text => text.includes(m.marker)).length;
+      assert.equal(times, 1, `${m.marker} shown ${times} times`);
+    }
+    assert.equal(shown.length, sent.length);
+    assert.equal(await byId(page, 'gap').isHidden(), true, 'no gap');
+    const requests = await connects();
+    const resumed = requests.filter(r => r.lastEventId);
+    assert.ok(resumed.length >= 1, 'the browser came back with Last-Event-Id');
+    t.diagnostic(`${requests.length} connect requests, ${resumed.length} with Last-Event-Id; ${sent.length} messages, each shown once`);
+  } catch (e) {
+    e.message += `\n${logsOf(gw)}`;
+    throw e;
+  } finally {
+    if (proxy) proxy.close();
+    await stopGateway(gw);
   }
 });
 

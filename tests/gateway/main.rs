@@ -9,5 +9,6 @@ mod fanout;
 mod protocol;
 mod proxy;
 mod resilience;
+mod resume;
 mod sharing;
 mod topic;
