@@ -19,6 +19,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+use super::write::{Parts, consume, keep_rest, send};
 use crate::message::{self, Frame, FrameKind, NO_ID};
 use crate::wire::{self, CHUNK_END, LAST_CHUNK, Version};
 
@@ -29,7 +30,7 @@ pub const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Bytes a streaming client may send (it has nothing to say) before it is dropped.
 const MAX_JUNK_BYTES: usize = 4096;
 /// Parts of one write: chunk head, lag notice, frames (each with its id), ping, end.
-const MAX_PARTS: usize = 2 * MAX_FRAMES_PER_WRITE + 8;
+pub(super) const MAX_PARTS: usize = 2 * MAX_FRAMES_PER_WRITE + 8;
 
 /// What a connection holds for as long as it lives (its registry membership, its
 /// admission slot); dropped with it.
@@ -412,112 +413,5 @@ impl Conn {
     /// Closes the sending side after the last bytes (a clean end for the client).
     pub fn finish(self) {
         let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
-    }
-}
-
-/// One non-blocking vectored write. `sendmsg` rather than tokio's `writev`: a socket
-/// write that skips the file layer (its position lock and checks) costs less per call,
-/// and a stream makes one call per frame it writes. A would-block clears tokio's
-/// readiness, as tokio's own writes do.
-fn send(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    socket.try_io(tokio::io::Interest::WRITABLE, || {
-        socket2::SockRef::from(socket).send_vectored(slices)
-    })
-}
-
-/// Adds `bytes` to `pending`, less the first `skip` bytes of the write (already taken).
-fn keep_rest(pending: &mut VecDeque<Bytes>, skip: &mut usize, bytes: Bytes) {
-    if *skip >= bytes.len() {
-        *skip -= bytes.len();
-        return;
-    }
-    let rest = bytes.slice(*skip..);
-    *skip = 0;
-    if !rest.is_empty() {
-        pending.push_back(rest);
-    }
-}
-
-/// Drops the first `n` bytes of `pending`.
-fn consume(pending: &mut VecDeque<Bytes>, mut n: usize) {
-    while n > 0 {
-        let Some(front) = pending.front_mut() else {
-            return;
-        };
-        if n >= front.len() {
-            n -= front.len();
-            pending.pop_front();
-        } else {
-            let rest = front.slice(n..);
-            *front = rest;
-            n = 0;
-        }
-    }
-}
-
-/// Fills unused slots of [`Parts`].
-static EMPTY: Bytes = Bytes::new();
-
-/// The data parts of one write, borrowed: (bytes, from, to) each. A fixed array on the
-/// stack: a write costs no allocation.
-struct Parts<'a> {
-    items: [(&'a Bytes, usize, usize); MAX_PARTS],
-    count: usize,
-    len: usize,
-}
-
-impl Default for Parts<'_> {
-    fn default() -> Self {
-        Self {
-            items: [(&EMPTY, 0, 0); MAX_PARTS],
-            count: 0,
-            len: 0,
-        }
-    }
-}
-
-impl<'a> Parts<'a> {
-    fn push_shared(&mut self, bytes: &'a Bytes, from: usize, to: usize) {
-        if to > from && self.count < MAX_PARTS {
-            self.items[self.count] = (bytes, from, to);
-            self.count += 1;
-            self.len += to - from;
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        self.items[..self.count]
-            .iter()
-            .map(|(b, from, to)| &b[*from..*to])
-    }
-
-    fn shared(&self) -> impl Iterator<Item = (&'a Bytes, usize, usize)> + '_ {
-        self.items[..self.count].iter().copied()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rests_are_kept_and_consumed_exactly() {
-        let mut pending = VecDeque::new();
-        let mut skip = 5;
-        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"abc"));
-        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"defgh"));
-        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"ij"));
-        assert_eq!(
-            pending,
-            vec![Bytes::from_static(b"fgh"), Bytes::from_static(b"ij")]
-        );
-        consume(&mut pending, 4);
-        assert_eq!(pending, vec![Bytes::from_static(b"j")]);
-        consume(&mut pending, 1);
-        assert!(pending.is_empty());
     }
 }

@@ -68,6 +68,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub stuck: usize,
 
+    /// Clients ask for resumable streams (`resume=1`: every message carries its id).
+    #[arg(long)]
+    pub resume: bool,
+
     /// Clients connecting at the same time while ramping up.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,

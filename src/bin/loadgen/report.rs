@@ -30,6 +30,7 @@ impl Report {
         r.set("scenario", json!(args.scenario));
         r.set("clients", json!(args.clients));
         r.set("stuck_clients", json!(args.stuck));
+        r.set("resume", json!(args.resume));
         if args.scenario == "treeherder" {
             r.set("patterns", json!(args.patterns));
         }

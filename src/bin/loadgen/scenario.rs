@@ -33,6 +33,8 @@ pub struct Scenario {
     pub client_pattern: Vec<usize>,
     /// Cumulative Zipf weights over patterns, for picking a message's pattern.
     cumulative: Vec<f64>,
+    /// Clients ask for resumable streams (`resume=1`).
+    resume: bool,
 }
 
 impl Scenario {
@@ -48,6 +50,7 @@ impl Scenario {
                 }],
                 client_pattern: vec![0; args.clients],
                 cumulative: vec![1.0],
+                resume: args.resume,
             };
         }
         let k = args.patterns.max(1);
@@ -72,6 +75,7 @@ impl Scenario {
             patterns,
             client_pattern: Vec::with_capacity(args.clients),
             cumulative,
+            resume: args.resume,
         };
         for c in 0..args.clients {
             let p = if c < k { c } else { scenario.pick(&mut rng) };
@@ -96,8 +100,9 @@ impl Scenario {
             self.exchanges[p.exchange], p.binding
         );
         format!(
-            "bindings={}",
-            percent_encoding::utf8_percent_encode(&json, percent_encoding::NON_ALPHANUMERIC)
+            "bindings={}{}",
+            percent_encoding::utf8_percent_encode(&json, percent_encoding::NON_ALPHANUMERIC),
+            if self.resume { "&resume=1" } else { "" }
         )
     }
 }

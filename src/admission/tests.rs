@@ -1,0 +1,142 @@
+//! Unit tests of `admission`.
+
+use super::*;
+use warp::http::HeaderValue;
+
+fn admission(limits: AdmissionLimits) -> Arc<Admission> {
+    Admission::new(limits, Metrics::new())
+}
+
+#[test]
+fn connections_are_limited_per_address_and_in_all() {
+    let a = admission(AdmissionLimits {
+        max_connections: 3,
+        per_address: 2,
+        ..AdmissionLimits::default()
+    });
+    let one: IpAddr = "127.0.0.2".parse().expect("ip");
+    let two: IpAddr = "127.0.0.3".parse().expect("ip");
+    let s1 = a.try_take(one).expect("first");
+    let _s2 = a.try_take(one).expect("second");
+    assert_eq!(a.try_take(one).err(), Some(Full::Address));
+    let _s3 = a.try_take(two).expect("another address");
+    assert_eq!(a.try_take(two).err(), Some(Full::Process));
+    drop(s1);
+    let _s4 = a.try_take(one).expect("a slot freed");
+    assert_eq!(a.open(), 3);
+}
+
+#[test]
+fn state_goes_with_the_last_connection_of_an_address() {
+    let a = admission(AdmissionLimits::default());
+    let slots: Vec<_> = (0..100)
+        .map(|i| a.try_take(IpAddr::from([10, 0, 0, i])).expect("slot"))
+        .collect();
+    assert_eq!(a.addresses(), 100);
+    drop(slots);
+    assert_eq!((a.addresses(), a.open()), (0, 0));
+}
+
+#[test]
+fn new_subscriptions_from_one_address_are_rate_limited() {
+    let a = admission(AdmissionLimits {
+        subscription_rate: 0.001,
+        subscription_burst: 3.0,
+        ..AdmissionLimits::default()
+    });
+    let slot = a.try_take("127.0.0.2".parse().expect("ip")).expect("slot");
+    let allowed = (0..10)
+        .filter(|_| a.allow_new_subscription(slot.client()))
+        .count();
+    assert_eq!(allowed, 3);
+    let other = a.try_take("127.0.0.3".parse().expect("ip")).expect("slot");
+    assert!(
+        a.allow_new_subscription(other.client()),
+        "another address has its own bucket"
+    );
+    // Leaving and coming back does not refill the bucket.
+    let key = slot.client();
+    drop(slot);
+    let again = a.try_take("127.0.0.2".parse().expect("ip")).expect("slot");
+    assert_eq!(again.client(), key);
+    assert!(!a.allow_new_subscription(again.client()));
+}
+
+#[test]
+fn the_connections_of_an_address_share_a_budget_of_bindings_and_exchanges() {
+    use crate::binding::Binding;
+    let set = |exchanges: &[&str], patterns: usize| {
+        BindingSet::new(
+            exchanges
+                .iter()
+                .flat_map(|e| {
+                    (0..patterns).map(move |p| Binding {
+                        exchange: (*e).to_owned(),
+                        pattern: format!("p{p}"),
+                    })
+                })
+                .collect(),
+        )
+    };
+    let a = admission(AdmissionLimits {
+        bindings_per_address: 10,
+        exchanges_per_address: 3,
+        ..AdmissionLimits::default()
+    });
+    let ip: IpAddr = "127.0.0.2".parse().expect("ip");
+    let mut one = a.try_take(ip).expect("slot");
+    one.hold(&set(&["x", "y"], 3))
+        .expect("6 bindings, 2 exchanges");
+    let mut two = a.try_take(ip).expect("slot");
+    assert_eq!(two.hold(&set(&["x"], 5)), Err(OverShare::Bindings(10)));
+    two.hold(&set(&["x", "y"], 1))
+        .expect("shared exchanges count once");
+    let mut three = a.try_take(ip).expect("slot");
+    assert_eq!(
+        three.hold(&set(&["z", "w"], 1)),
+        Err(OverShare::Exchanges(3))
+    );
+    drop((one, two));
+    three.hold(&set(&["z", "w", "v"], 1)).expect("room again");
+    let mut other = a.try_take("127.0.0.3".parse().expect("ip")).expect("slot");
+    other
+        .hold(&set(&["a", "b", "c"], 3))
+        .expect("another address");
+}
+
+#[test]
+fn forwarded_addresses_count_only_behind_trusted_proxies() {
+    let a = admission(AdmissionLimits {
+        trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+        ..AdmissionLimits::default()
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_static("198.51.100.7, 203.0.113.9, 10.1.2.3"),
+    );
+    let proxy: IpAddr = "10.9.9.9".parse().expect("ip");
+    let stranger: IpAddr = "192.0.2.1".parse().expect("ip");
+    assert_eq!(
+        a.client_address(proxy, &headers),
+        "203.0.113.9".parse::<IpAddr>().expect("ip"),
+        "the last untrusted hop, not what the client claimed first"
+    );
+    assert_eq!(
+        a.client_address(stranger, &headers),
+        stranger,
+        "not a trusted proxy"
+    );
+    assert_eq!(a.client_address(proxy, &HeaderMap::new()), proxy);
+}
+
+#[test]
+fn ipv6_clients_count_by_their_64() {
+    let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+    let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");
+    let c: IpAddr = "2001:db8:1:3::1".parse().expect("ip");
+    assert_eq!(ClientKey::of(a), ClientKey::of(b));
+    assert_ne!(ClientKey::of(a), ClientKey::of(c));
+    let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+    assert_eq!(ClientKey::of(mapped).to_string(), "192.0.2.1");
+}

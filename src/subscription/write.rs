@@ -1,0 +1,118 @@
+//! The pieces of one write to a client's socket: the parts it carries (borrowed, on the
+//! stack), the non-blocking send, and what is kept of a write the socket did not take
+//! whole (slices of the shared frames, never copies of them).
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+
+use super::conn::MAX_PARTS;
+
+/// One non-blocking vectored write. `sendmsg` rather than tokio's `writev`: a socket
+/// write that skips the file layer (its position lock and checks) costs less per call,
+/// and a stream makes one call per frame it writes. A would-block clears tokio's
+/// readiness, as tokio's own writes do.
+pub(super) fn send(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket.try_io(tokio::io::Interest::WRITABLE, || {
+        socket2::SockRef::from(socket).send_vectored(slices)
+    })
+}
+
+/// Adds `bytes` to `pending`, less the first `skip` bytes of the write (already taken).
+pub(super) fn keep_rest(pending: &mut VecDeque<Bytes>, skip: &mut usize, bytes: Bytes) {
+    if *skip >= bytes.len() {
+        *skip -= bytes.len();
+        return;
+    }
+    let rest = bytes.slice(*skip..);
+    *skip = 0;
+    if !rest.is_empty() {
+        pending.push_back(rest);
+    }
+}
+
+/// Drops the first `n` bytes of `pending`.
+pub(super) fn consume(pending: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = pending.front_mut() else {
+            return;
+        };
+        if n >= front.len() {
+            n -= front.len();
+            pending.pop_front();
+        } else {
+            let rest = front.slice(n..);
+            *front = rest;
+            n = 0;
+        }
+    }
+}
+
+/// Fills unused slots of [`Parts`].
+static EMPTY: Bytes = Bytes::new();
+
+/// The data parts of one write, borrowed: (bytes, from, to) each. A fixed array on the
+/// stack: a write costs no allocation.
+pub(super) struct Parts<'a> {
+    items: [(&'a Bytes, usize, usize); MAX_PARTS],
+    count: usize,
+    pub(super) len: usize,
+}
+
+impl Default for Parts<'_> {
+    fn default() -> Self {
+        Self {
+            items: [(&EMPTY, 0, 0); MAX_PARTS],
+            count: 0,
+            len: 0,
+        }
+    }
+}
+
+impl<'a> Parts<'a> {
+    pub(super) fn push_shared(&mut self, bytes: &'a Bytes, from: usize, to: usize) {
+        if to > from && self.count < MAX_PARTS {
+            self.items[self.count] = (bytes, from, to);
+            self.count += 1;
+            self.len += to - from;
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.items[..self.count]
+            .iter()
+            .map(|(b, from, to)| &b[*from..*to])
+    }
+
+    pub(super) fn shared(&self) -> impl Iterator<Item = (&'a Bytes, usize, usize)> + '_ {
+        self.items[..self.count].iter().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rests_are_kept_and_consumed_exactly() {
+        let mut pending = VecDeque::new();
+        let mut skip = 5;
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"abc"));
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"defgh"));
+        keep_rest(&mut pending, &mut skip, Bytes::from_static(b"ij"));
+        assert_eq!(
+            pending,
+            vec![Bytes::from_static(b"fgh"), Bytes::from_static(b"ij")]
+        );
+        consume(&mut pending, 4);
+        assert_eq!(pending, vec![Bytes::from_static(b"j")]);
+        consume(&mut pending, 1);
+        assert!(pending.is_empty());
+    }
+}
