@@ -46,6 +46,13 @@ impl Gateway {
             .arg(format!("--max-connections={}", args.clients + 100))
             .arg("--log-level=warn")
             .args(&args.gateway_args)
+            // The load comes from a few loopback addresses: lift the per-address limits
+            // (through the environment, which a gateway without these settings ignores,
+            // so that older binaries run with the same command).
+            .env("MAX_CONNECTIONS_PER_ADDRESS", "1000000")
+            .env("ADDRESS_SUBSCRIPTION_BURST", "1000000")
+            .env("MAX_BINDINGS_PER_ADDRESS", "100000000")
+            .env("MAX_EXCHANGES_PER_ADDRESS", "100000")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let child = cmd.spawn().with_context(|| {
