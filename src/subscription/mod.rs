@@ -25,6 +25,8 @@ mod conn;
 mod log;
 mod position;
 mod shard;
+#[cfg(test)]
+mod tests;
 mod write;
 
 use std::collections::BTreeMap;
@@ -272,7 +274,8 @@ impl Subscription {
     /// Hands a client (its `ready` written) to a writer; its pin goes with it.
     pub fn attach(self: &Arc<Self>, conn: Conn, pinned_at: u64) {
         let mut state = self.state();
-        state.unpin(pinned_at);
+        // The pin goes only once the shard needs the client's frames: unpinned first, a
+        // frame sent between `ready` and now would be dropped as needed by nobody.
         let room = state
             .shards
             .iter_mut()
@@ -282,6 +285,7 @@ impl Subscription {
             slot.needs_from = slot.needs_from.min(conn.next());
             slot.inbox.push(conn);
             slot.shared.waker.wake();
+            state.unpin(pinned_at);
             return;
         }
         let shared = Arc::new(ShardShared {
@@ -294,6 +298,7 @@ impl Subscription {
             inbox: vec![conn],
             attached: 0,
         });
+        state.unpin(pinned_at);
         drop(state);
         tokio::spawn(shard::run(self.clone(), shared));
     }
