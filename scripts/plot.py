@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Draws the plots of BENCHMARKS.md from benchmarks/results.jsonl (written by
 scripts/bench-matrix.sh): RSS vs clients, latency percentiles vs clients, and CPU per
-delivery vs fan-out width. Needs matplotlib (pip install matplotlib).
+delivery vs fan-out width. The matrix of the earlier stream path (hyper carrying every
+stream, benchmarks/results-hyper.jsonl) is drawn dashed next to it, for comparison.
+Needs matplotlib (pip install matplotlib).
 
     python3 scripts/plot.py
 """
@@ -16,12 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results.jsonl"
+BEFORE = ROOT / "benchmarks" / "results-hyper.jsonl"
 OUT = ROOT / "benchmarks"
 
 
-def load():
+def load(path=RESULTS):
     runs = []
-    for line in RESULTS.read_text().splitlines():
+    if not path.exists():
+        return runs
+    for line in path.read_text().splitlines():
         line = line.strip()
         if line.startswith("{"):
             runs.append(json.loads(line))
@@ -44,13 +49,17 @@ def fanout_runs(runs):
     return sorted(series, key=lambda r: r["clients"])
 
 
-def plot_rss(runs):
+def plot_rss(runs, before):
     idle = idle_runs(runs)
     if not idle:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["clients"] for r in idle]
     ax.plot(xs, [r["rss_idle_mib"] for r in idle], "o-", label="gateway RSS (MiB)")
+    old = idle_runs(before)
+    if old:
+        ax.plot([r["clients"] for r in old], [r["rss_idle_mib"] for r in old], "o:",
+                color="tab:gray", label="RSS, hyper stream path (MiB)")
     ax.set_xlabel("idle SSE clients")
     ax.set_ylabel("RSS (MiB)")
     ax2 = ax.twinx()
@@ -65,7 +74,7 @@ def plot_rss(runs):
     fig.savefig(OUT / "rss_vs_clients.svg")
 
 
-def plot_latency(runs):
+def plot_latency(runs, before):
     series = fanout_runs(runs)
     if not series:
         return
@@ -74,6 +83,10 @@ def plot_latency(runs):
     for key, label in [("latency_p50_ms", "p50"), ("latency_p99_ms", "p99"),
                        ("latency_p999_ms", "p99.9")]:
         ax.plot(xs, [r.get(key, 0) for r in series], "o-", label=label)
+    old = fanout_runs(before)
+    if old:
+        ax.plot([r["clients"] for r in old], [r.get("latency_p99_ms", 0) for r in old], "o:",
+                color="tab:gray", label="p99, hyper stream path")
     ax.set_xscale("log")
     ax.set_xlabel("clients (total 100,000 deliveries/s)")
     ax.set_ylabel("publish → receipt latency (ms)")
@@ -83,13 +96,18 @@ def plot_latency(runs):
     fig.savefig(OUT / "latency_vs_clients.svg")
 
 
-def plot_cpu(runs):
+def plot_cpu(runs, before):
     series = fanout_runs(runs)
     if not series:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [r["clients"] for r in series]
-    ax.plot(xs, [r["cpu_per_delivery_us"] for r in series], "o-")
+    ax.plot(xs, [r["cpu_per_delivery_us"] for r in series], "o-", label="writer shards")
+    old = fanout_runs(before)
+    if old:
+        ax.plot([r["clients"] for r in old], [r["cpu_per_delivery_us"] for r in old], "o:",
+                color="tab:gray", label="hyper stream path")
+    ax.legend(fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("fan-out width: clients per message (total 100,000 deliveries/s)")
     ax.set_ylabel("gateway CPU per delivery (µs)")
@@ -101,9 +119,10 @@ def plot_cpu(runs):
 
 def main():
     runs = load()
-    plot_rss(runs)
-    plot_latency(runs)
-    plot_cpu(runs)
+    before = load(BEFORE)
+    plot_rss(runs, before)
+    plot_latency(runs, before)
+    plot_cpu(runs, before)
     print(f"plots from {len(runs)} runs written to {OUT}")
 
 

@@ -5,19 +5,25 @@
 //! How a request flows through the parts:
 //!
 //! ```text
-//! http (warp routes) ── binding (parse + validate once → BindingSet)
-//!    │
+//! server (accept; read each request head)
+//!    │ GET on a connect path                 │ any other request
+//!    ▼                                       ▼
+//! connect (admission: limits per address,   http (warp routes, served by hyper:
+//!    204/503, binding: parse + validate      page, health, metrics, publish)
+//!    once → BindingSet, head, ready, resume)
+//!    │ subscribes, then hands its socket over
 //!    ▼
-//! registry (one Subscription per distinct BindingSet, shared broadcast channel)
+//! registry (one Subscription per distinct BindingSet; caps; resumable grace)
 //!    │ adds/removes its bindings in
 //!    ▼
 //! topology (wanted bindings, broker state, topic tries) ◄── broker::amqp (reconcile the
 //!    │                                                      broker, consume deliveries)
 //!    │                                                   or broker::memory (embedded; fed
 //!    │                                                      by /publish and demo)
-//!    │ deliver: match routing key + CC (topic), encode once (message), broadcast
+//!    │ deliver: match routing key + CC (topic), encode once (message), append to the log
 //!    ▼
-//! sse (per-client stream: ready / message / ping / error frames) ── server (hyper loop)
+//! subscription (a log of shared frames; writer shards of up to 256 sockets each, one
+//!    wake per shard per frame, non-blocking writes framed by wire)
 //! ```
 //!
 //! [`start`] builds all of it from a [`Config`]; [`run`] also waits for a shutdown signal.
