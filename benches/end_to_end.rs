@@ -1,7 +1,7 @@
 //! End to end in one process: the embedded broker publishes one message and the bench
 //! waits until every one of N SSE clients (raw TCP over loopback) has read its frame. This
-//! is the whole delivery path: routing, encoding once, broadcast, each client's stream,
-//! hyper, the socket write and the loopback read. Time per message / N is the per-delivery
+//! is the whole delivery path: routing, encoding once, the subscription's log, its writer
+//! shards, the socket writes and the loopback reads. Time per message / N is the per-delivery
 //! cost; with 1000 clients it is what a dashboard fleet costs per event.
 
 use std::sync::Arc;

@@ -7,7 +7,8 @@
 #   bash scripts/bench-sidebyside.sh OLD_BIN NEW_BIN [ROUNDS] [OUT]
 #
 # Needs RabbitMQ at 127.0.0.1:5672 and a release build of loadgen. About 40 minutes with
-# 3 rounds. Extra loadgen flags for every run: LOADGEN_ARGS.
+# 3 rounds. Extra loadgen flags for every run: LOADGEN_ARGS. Only some scenarios:
+# ONLY="10000x10 treeherder" (names as in the list below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 old=${1:?old binary}
@@ -27,6 +28,7 @@ scenarios=(
 for entry in "${scenarios[@]}"; do
   name=${entry%%|*}
   args=${entry#*|}
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   for round in $(seq 1 "$rounds"); do
     for which in old new; do
       bin=$old

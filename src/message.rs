@@ -105,13 +105,23 @@ pub enum MalformedBody {
     NotJson(String),
 }
 
+/// Bytes a `message` frame adds to its payload, exchange, routing key and routes: the
+/// fixed text (about 100 bytes) and room for a few escaped characters.
+const FRAME_SLACK: usize = 160;
+
 impl Incoming<'_> {
     /// Encodes the `message` frame. Keys come in the original's order: payload, exchange,
     /// routingKey, redelivered, routes. `routes` are the `CC` entries starting with
     /// `route.`, prefix removed.
     pub fn encode(&self) -> Result<Bytes, MalformedBody> {
         let payload = compact_json(self.body)?;
-        let mut out = Vec::with_capacity(payload.len() + 128 + self.routing_key.len());
+        // Sized for the whole frame, so that it is never reallocated: a frame lives in
+        // the subscription's log (up to the replay window), and a doubled buffer would
+        // hold twice its bytes there. The slack covers the fixed text and a few escapes.
+        let routes: usize = self.routes().map(|route| route.len() + 3).sum();
+        let estimate =
+            payload.len() + self.exchange.len() + self.routing_key.len() + routes + FRAME_SLACK;
+        let mut out = Vec::with_capacity(estimate);
         out.extend_from_slice(b"event: message\ndata: {\"payload\":");
         out.extend_from_slice(&payload);
         out.extend_from_slice(b",\"exchange\":");
@@ -123,8 +133,7 @@ impl Incoming<'_> {
         } else {
             b",\"redelivered\":false,\"routes\":["
         });
-        let routes = self.cc.iter().filter_map(|cc| cc.strip_prefix("route."));
-        for (i, route) in routes.enumerate() {
+        for (i, route) in self.routes().enumerate() {
             if i > 0 {
                 out.push(b',');
             }
@@ -132,6 +141,11 @@ impl Incoming<'_> {
         }
         out.extend_from_slice(b"]}\nid: -\n\n");
         Ok(Bytes::from(out))
+    }
+
+    /// The `CC` entries starting with `route.`, prefix removed.
+    fn routes(&self) -> impl Iterator<Item = &str> {
+        self.cc.iter().filter_map(|cc| cc.strip_prefix("route."))
     }
 }
 
@@ -261,6 +275,32 @@ mod tests {
         };
         let expected = "event: message\ndata: {\"payload\":{\"status\":\"fooIsBar\",\"n\":1,\"nested\":{\"list\":[1,\"two\",null]},\"unicode\":\"héllo ✓\"},\"exchange\":\"exchange/conformance-transcript/v1/demo\",\"routingKey\":\"primary.key.a\",\"redelivered\":false,\"routes\":[\"index.foo.bar\",\"notify.a@b.c\"]}\nid: -\n\n";
         assert_eq!(msg.encode().expect("valid"), expected.as_bytes());
+    }
+
+    #[test]
+    fn a_frame_holds_no_more_memory_than_its_bytes_and_the_slack() {
+        // Long names and many routes: beyond any fixed allowance, which would double the
+        // buffer (and a frame in the replay window would hold twice its size).
+        let exchange = format!("exchange/{}", "e".repeat(200));
+        let key = "k.".repeat(100);
+        let routes: Vec<String> = (0..20)
+            .map(|i| format!("route.{i}.{}", "r".repeat(50)))
+            .collect();
+        let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(4000));
+        let msg = Incoming {
+            exchange: &exchange,
+            routing_key: &key,
+            redelivered: true,
+            cc: routes.iter().map(String::as_str).collect(),
+            body: body.as_bytes(),
+        };
+        let frame = msg.encode().expect("valid");
+        let len = frame.len();
+        let held = frame.try_into_mut().expect("unique").capacity();
+        assert!(
+            held >= len && held <= len + FRAME_SLACK,
+            "{held} bytes for {len}"
+        );
     }
 
     #[test]

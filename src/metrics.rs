@@ -155,7 +155,7 @@ impl Metrics {
             .expect("valid metric"),
             subscriptions: IntGauge::new(
                 "events_gateway_subscriptions",
-                "Distinct binding sets currently subscribed (each one broadcast channel)",
+                "Distinct binding sets currently subscribed (each one shared log of frames)",
             )
             .expect("valid metric"),
             broker_connected: IntGauge::new(
