@@ -19,6 +19,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 
@@ -30,15 +31,18 @@ PREFIX = f"queue/guest/attack-{random.randrange(1 << 32):08x}"
 def start(binary):
     port = random.randrange(20000, 30000)
     env = dict(os.environ, NO_COLOR="1")
+    # The log goes to a file, not a pipe: a gateway that logs much (the old one logged
+    # whole binding sets) would block on a full pipe that nobody reads during the attack.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
         [binary, "--listen-address=127.0.0.1", f"--port={port}",
          "--amqp-url=amqp://guest:guest@127.0.0.1:5672/%2f", f"--queue-prefix={PREFIX}",
          "--allowed-exchange-prefixes=", "--log-level=events_gateway=info"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, port
+            return proc, port, log
         except OSError:
             time.sleep(0.1)
     raise SystemExit("the gateway did not listen")
@@ -105,7 +109,7 @@ def main():
     ex = f"attack-{random.randrange(1 << 32):08x}"
     ch.exchange_declare(ex, "topic")
     for attack in attacks:
-        proc, port = start(binary)
+        proc, port, logfile = start(binary)
         time.sleep(1)
         base = rss_kib(proc.pid)
         held, outcomes = [], {}
@@ -150,7 +154,10 @@ def main():
         for s in held:
             s.close()
         proc.terminate()
-        log = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        logfile.seek(0)
+        log = logfile.read()
+        logfile.close()
         print(json.dumps({
             "binary": binary, "attack": attack, "seconds": round(took, 1),
             "outcomes": outcomes, "rss_kib_before": base, "rss_kib_during": rss,
