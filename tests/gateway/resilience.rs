@@ -48,14 +48,6 @@ async fn collect(client: &mut SseClient, count: usize, within: Duration) -> BTre
     seen
 }
 
-async fn publish_range(broker: &Broker, ex: &str, range: std::ops::Range<u64>) {
-    for n in range {
-        broker
-            .publish(ex, "k", &[], format!("{{\"n\":{n}}}").as_bytes())
-            .await;
-    }
-}
-
 async fn wait_broker(gw: &TestGateway, connected: bool, within: Duration) {
     let running = gw.running.as_ref().expect("running");
     eventually(within, || running.broker().is_connected() == connected).await;
@@ -68,7 +60,7 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
     let (proxy, gw) = start_proxied("", &["--ping-interval=300ms"]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
-    publish_range(&broker, &ex, 0..10).await;
+    broker.publish_numbered(&ex, 0..10).await;
     assert_eq!(
         collect(&mut client, 10, Duration::from_secs(5)).await.len(),
         10
@@ -83,14 +75,14 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
         "the outage shows in health"
     );
     assert_eq!(gw.metric("events_gateway_broker_connected").await, 0.0);
-    publish_range(&broker, &ex, 10..20).await;
+    broker.publish_numbered(&ex, 10..20).await;
     // The client stays connected: pings go on.
     client.expect("ping").await;
     let outage_started = std::time::Instant::now();
     proxy.restore();
     wait_broker(&gw, true, Duration::from_secs(30)).await;
     let recovered_in = outage_started.elapsed();
-    publish_range(&broker, &ex, 20..30).await;
+    broker.publish_numbered(&ex, 20..30).await;
 
     // Assert: everything published during and after the outage arrives, once, in order.
     let seen = collect(&mut client, 20, Duration::from_secs(10)).await;
@@ -135,7 +127,7 @@ async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
                 {
                     let _ = rx.await;
                 }
-                publish_range(&broker, &ex, n..n + 1).await;
+                broker.publish_numbered(&ex, n..n + 1).await;
                 published.store(n + 1, Ordering::Release);
             }
         })
@@ -202,7 +194,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
     // Arrange: deliveries reach the client but their acknowledgements never reach the
     // broker; then the link is cut, so the broker redelivers all of them.
     proxy.stall_upstream();
-    publish_range(&broker, &ex, 0..50).await;
+    broker.publish_numbered(&ex, 0..50).await;
     assert_eq!(
         collect(&mut client, 50, Duration::from_secs(10))
             .await
@@ -250,7 +242,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
         metrics.broker_reconnects.get(),
         metrics.messages_received.get(),
     );
-    publish_range(&broker, &ex, 50..55).await;
+    broker.publish_numbered(&ex, 50..55).await;
     let seen = collect(&mut client, 5, Duration::from_secs(10)).await;
     assert_eq!(
         seen.keys().copied().collect::<Vec<_>>(),
@@ -314,7 +306,7 @@ async fn a_stalled_link_is_noticed_by_heartbeats_and_recovered() {
     // The binding is back once a new client is ready on it (ready needs bind-ok).
     let mut probe = gw.connect(&[(&ex, "#")]).await;
     probe.expect("ready").await;
-    publish_range(&broker, &ex, 0..5).await;
+    broker.publish_numbered(&ex, 0..5).await;
     assert_eq!(
         collect(&mut client, 5, Duration::from_secs(10)).await.len(),
         5
@@ -410,7 +402,7 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
     proxy.refuse_new();
     rabbitmqctl_output(&["close_connection", &pid, "closed by a test"]).await;
     wait_broker(&gw, false, Duration::from_secs(10)).await;
-    publish_range(&broker, &ex, 0..10).await;
+    broker.publish_numbered(&ex, 0..10).await;
     proxy.restore();
     wait_broker(&gw, true, Duration::from_secs(30)).await;
     let seen = collect(&mut client, 10, Duration::from_secs(10)).await;

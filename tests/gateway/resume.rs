@@ -57,12 +57,17 @@ fn last_id(frames: &[Frame]) -> String {
         .expect("an id")
 }
 
-/// A resumable stream over raw HTTP/1.0, with `Last-Event-Id` if given.
-async fn connect(gw: &TestGateway, exchange: &str, last_id: Option<&str>) -> RawClient {
-    let path = format!(
+/// The connect path of a resumable stream on all of `exchange`.
+fn resumable_path(exchange: &str) -> String {
+    format!(
         "/api/events/v1/connect/?{}&resume=1",
         bindings_query(&[(exchange, "#")])
-    );
+    )
+}
+
+/// A resumable stream over raw HTTP/1.0, with `Last-Event-Id` if given.
+async fn connect(gw: &TestGateway, exchange: &str, last_id: Option<&str>) -> RawClient {
+    let path = resumable_path(exchange);
     let headers: Vec<(&str, &str)> = last_id
         .map(|id| ("Last-Event-Id", id))
         .into_iter()
@@ -73,21 +78,13 @@ async fn connect(gw: &TestGateway, exchange: &str, last_id: Option<&str>) -> Raw
     raw
 }
 
-async fn publish(broker: &Broker, exchange: &str, range: std::ops::Range<u64>) {
-    for n in range {
-        broker
-            .publish(exchange, "k", &[], format!("{{\"n\":{n}}}").as_bytes())
-            .await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cut_off_for_two_seconds_gets_every_message_once_in_order() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("resume").await;
     let gw = TestGateway::start(&[]).await;
     let mut first = connect(&gw, &ex, None).await;
-    publish(&broker, &ex, 0..10).await;
+    broker.publish_numbered(&ex, 0..10).await;
     first.read_until(b"{\"n\":9}", Duration::from_secs(5)).await;
     let before = frames(&first);
     assert!(
@@ -102,13 +99,13 @@ async fn a_client_cut_off_for_two_seconds_gets_every_message_once_in_order() {
     // 2 s it is away (its subscription, its history and its binding stay meanwhile).
     drop(first);
     let away = std::time::Instant::now();
-    publish(&broker, &ex, 10..210).await;
+    broker.publish_numbered(&ex, 10..210).await;
     tokio::time::sleep(Duration::from_secs(2).saturating_sub(away.elapsed())).await;
     let mut again = connect(&gw, &ex, Some(&id)).await;
     again
         .read_until(b"{\"n\":209}", Duration::from_secs(10))
         .await;
-    publish(&broker, &ex, 210..211).await;
+    broker.publish_numbered(&ex, 210..211).await;
     again
         .read_until(b"{\"n\":210}", Duration::from_secs(5))
         .await;
@@ -140,12 +137,12 @@ async fn an_id_past_the_window_or_from_another_epoch_gets_a_gap_then_live_messag
     let foreign_id = last_id(&frames(&from_other));
     // An id that falls out of a 10-frame window.
     let mut old = connect(&gw, &ex, None).await;
-    publish(&broker, &ex, 0..1).await;
+    broker.publish_numbered(&ex, 0..1).await;
     old.read_until(b"{\"n\":0}", Duration::from_secs(5)).await;
     let old_id = last_id(&frames(&old));
     let mut keeps_subscription = connect(&gw, &ex, None).await;
     drop(old);
-    publish(&broker, &ex, 1..31).await;
+    broker.publish_numbered(&ex, 1..31).await;
     // Every one of them has reached the gateway before the reconnects below.
     keeps_subscription
         .read_until(b"{\"n\":30}", Duration::from_secs(5))
@@ -159,7 +156,7 @@ async fn an_id_past_the_window_or_from_another_epoch_gets_a_gap_then_live_messag
         assert_eq!(got[1].event, "ready");
         assert!(numbers(&got).is_empty(), "nothing replayed: {got:?}");
         let live = 100 + u64::from(reason == "expired");
-        publish(&broker, &ex, live..live + 1).await;
+        broker.publish_numbered(&ex, live..live + 1).await;
         client
             .read_until(
                 format!("{{\"n\":{live}}}").as_bytes(),
@@ -182,7 +179,7 @@ async fn forged_and_malformed_ids_get_a_gap_never_another_subscriptions_frames()
     // Another subscription's id, with history behind it.
     let mut victim = connect(&gw, &theirs, None).await;
     let victim_start = last_id(&frames(&victim));
-    publish(&broker, &theirs, 0..5).await;
+    broker.publish_numbered(&theirs, 0..5).await;
     victim
         .read_until(b"{\"n\":4}", Duration::from_secs(5))
         .await;
@@ -199,7 +196,7 @@ async fn forged_and_malformed_ids_get_a_gap_never_another_subscriptions_frames()
         (&"9".repeat(500), "invalid-id"),
     ] {
         let mut client = connect(&gw, &mine, Some(id)).await;
-        publish(&broker, &mine, 7..8).await;
+        broker.publish_numbered(&mine, 7..8).await;
         client
             .read_until(b"{\"n\":7}", Duration::from_secs(5))
             .await;
@@ -213,10 +210,7 @@ async fn forged_and_malformed_ids_get_a_gap_never_another_subscriptions_frames()
         );
     }
     // `-` (the id of an error, in both protocols) ends reconnection: 204.
-    let path = format!(
-        "/api/events/v1/connect/?{}&resume=1",
-        bindings_query(&[(&mine, "#")])
-    );
+    let path = resumable_path(&mine);
     let mut dash = RawClient::get(gw.addr, &path, &[("Last-Event-Id", "-")]).await;
     dash.read_to_end(Duration::from_secs(5)).await;
     assert!(dash.head_and_body().0.contains(" 204 "));
@@ -248,7 +242,7 @@ async fn pings_and_ready_carry_the_position_and_a_drain_keeps_it() {
 
     // A client that saw only pings resumes from there.
     drop(client);
-    publish(&broker, &ex, 0..3).await;
+    broker.publish_numbered(&ex, 0..3).await;
     let mut again = connect(&gw, &ex, Some(&ready_id)).await;
     again.read_until(b"{\"n\":2}", Duration::from_secs(5)).await;
     assert_eq!(numbers(&frames(&again)), vec![0, 1, 2]);
@@ -273,7 +267,7 @@ async fn without_resume_the_original_protocol_is_unchanged() {
     // A resumable client on the same bindings changes nothing for the others.
     let _resumable = connect(&gw, &ex, None).await;
     let mut plain = gw.raw_connect(&[(&ex, "#")]).await;
-    publish(&broker, &ex, 0..1).await;
+    broker.publish_numbered(&ex, 0..1).await;
     plain.read_until(b"{\"n\":0}", Duration::from_secs(5)).await;
     let got = frames(&plain);
     assert!(got.iter().all(|f| f.id.as_deref() == Some("-")), "{got:?}");

@@ -527,6 +527,15 @@ impl Broker {
             .await
             .expect("publish confirm");
     }
+
+    /// Publishes `{"n": N}` for each N of `range`, in order, with routing key `k`: the
+    /// numbered messages the tests count for loss, duplicates and order.
+    pub async fn publish_numbered(&self, exchange: &str, range: std::ops::Range<u64>) {
+        for n in range {
+            self.publish(exchange, "k", &[], format!("{{\"n\":{n}}}").as_bytes())
+                .await;
+        }
+    }
 }
 
 /// Message properties with a `CC` header (an array of strings), as Pulse publishers send.
