@@ -200,6 +200,7 @@ impl Config {
                     max_age: args.replay_window,
                 },
                 resume_grace: args.resume_grace,
+                shard_clients: crate::subscription::SHARD_CLIENTS,
             },
             tcp_keepalive: args.tcp_keepalive,
             cors_origin: args.cors_origin,

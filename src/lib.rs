@@ -45,6 +45,8 @@ pub mod registry;
 pub mod server;
 pub mod subscription;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod topic;
 pub mod topology;
 pub mod wire;
@@ -113,7 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     };
     let draining = CancellationToken::new();
-    let fanout = Fanout::with_draining(config.stream.clone(), metrics.clone(), draining.clone());
+    let fanout = Fanout::new(config.stream.clone(), metrics.clone());
     let registry = Arc::new(Registry::new(
         topology,
         broker.reconciler(),

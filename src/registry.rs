@@ -12,9 +12,11 @@
 //!   subscription's log is pinned from [`Registry::subscribe`] until its stream is
 //!   attached to a writer ([`Client::attach`]) or it leaves.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -38,6 +40,8 @@ pub struct Registry {
     /// Subscriptions in the map (dashmap's `len` locks every shard).
     count: AtomicUsize,
     metrics: Metrics,
+    /// Resumable subscriptions that outlive their last client, by deadline.
+    lingering: Arc<Lingering>,
 }
 
 impl Registry {
@@ -56,6 +60,7 @@ impl Registry {
             caps,
             count: AtomicUsize::new(0),
             metrics,
+            lingering: Arc::default(),
         }
     }
 
@@ -114,49 +119,66 @@ impl Registry {
 
     /// A client leaves. The last one removes the subscription, unless it is resumable:
     /// then it lingers for the grace period (a reconnect finds its history and its broker
-    /// bindings still there), and goes at the end of it if no client came back.
+    /// bindings still there), and goes at the end of it if no client came back (see
+    /// `linger`).
     fn release(self: &Arc<Self>, sub: &Arc<Subscription>) {
         let grace = self.fanout.settings.resume_grace;
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        let mut linger = None;
+        let can_linger = !grace.is_zero() && tokio::runtime::Handle::try_current().is_ok();
+        let now = Instant::now();
+        let mut queue = false;
         let removed = self
             .subscriptions
             .remove_if(sub.bindings(), |_, s| {
                 if !Arc::ptr_eq(s, sub) || s.clients.fetch_sub(1, Ordering::Relaxed) != 1 {
                     return false;
                 }
-                if runtime.is_some() && !grace.is_zero() && s.is_resumable() {
-                    linger = Some(s.lingers.fetch_add(1, Ordering::AcqRel) + 1);
+                if can_linger && s.is_resumable() {
+                    *lock(&s.left_at) = Some(now);
+                    queue = !s.queued.swap(true, Ordering::Relaxed);
                     return false;
                 }
                 true
             })
             .is_some();
-        if let (Some(generation), Some(runtime)) = (linger, runtime) {
-            let (registry, sub) = (self.clone(), sub.clone());
-            runtime.spawn(async move {
-                tokio::time::sleep(grace).await;
-                registry.expire(&sub, generation);
-            });
+        if queue {
+            self.lingering.push(self, sub.clone(), now + grace);
         }
         if removed {
             self.forget(sub);
         }
     }
 
-    /// The end of a resumable subscription's grace period: it goes if no client came
-    /// back (and no later departure started another grace period).
-    fn expire(&self, sub: &Arc<Subscription>, generation: u64) {
-        let removed = self
-            .subscriptions
-            .remove_if(sub.bindings(), |_, s| {
-                Arc::ptr_eq(s, sub)
-                    && s.clients.load(Ordering::Relaxed) == 0
-                    && s.lingers.load(Ordering::Acquire) == generation
-            })
-            .is_some();
-        if removed {
-            self.forget(sub);
+    /// Ends the grace periods that are over at `now`: a subscription goes if no client
+    /// came back and its last client left a grace period ago or more; one a client left
+    /// since waits until the new deadline; one a client holds leaves the queue.
+    fn end_grace_periods(self: &Arc<Self>, now: Instant) {
+        let grace = self.fanout.settings.resume_grace;
+        for sub in self.lingering.take_due(now) {
+            let mut requeue = None;
+            let removed = self
+                .subscriptions
+                .remove_if(sub.bindings(), |_, s| {
+                    if !Arc::ptr_eq(s, &sub) {
+                        return false;
+                    }
+                    if s.clients.load(Ordering::Relaxed) > 0 {
+                        s.queued.store(false, Ordering::Relaxed);
+                        return false;
+                    }
+                    let deadline = lock(&s.left_at).map_or(now, |at| at + grace);
+                    if deadline > now {
+                        requeue = Some(deadline);
+                        return false;
+                    }
+                    true
+                })
+                .is_some();
+            if let Some(deadline) = requeue {
+                self.lingering.push(self, sub.clone(), deadline);
+            }
+            if removed {
+                self.forget(&sub);
+            }
         }
     }
 
@@ -189,6 +211,12 @@ impl Registry {
     pub fn is_empty(&self) -> bool {
         self.subscriptions.is_empty()
     }
+}
+
+/// Locks a subscription's linger fields (changed only under the map lock, so never
+/// contended); a panic elsewhere is no reason to stop serving.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A binding set for a log line: the first few bindings and how many there are (a set
@@ -302,5 +330,8 @@ impl Drop for Client {
     }
 }
 
+mod linger;
 #[cfg(test)]
 mod tests;
+
+use linger::Lingering;

@@ -17,6 +17,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 mod answers;
+#[cfg(test)]
+mod tests;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -185,6 +187,16 @@ impl Streams {
             span,
             connected_at,
         } = admitted;
+        if self.draining.is_cancelled() {
+            // The drain began after the early check: its marker went to the subscriptions
+            // that existed then, maybe not to this one. Looked at after the client's
+            // position was taken: either the drain is seen here, or it began later and
+            // its marker is in the log after that position.
+            self.metrics.connection("draining");
+            drop(client);
+            let drain = self.short_stream(req, &message::drain_frame(req.resumable));
+            return self.answer(socket, drain).await;
+        }
         let (ready_frame, gap_frame) = match req.resumable {
             true => self.resume(&mut client, req.last_event_id.as_deref()),
             false => (Bytes::from_static(READY), None),

@@ -149,3 +149,127 @@ fn concurrent_join_and_leave_leaves_nothing() {
     assert!(registry.is_empty());
     assert!(topology.exchanges().is_empty());
 }
+
+/// A registry whose resumable subscriptions linger for `grace`.
+fn lingering_registry(grace: Duration) -> Arc<Registry> {
+    let metrics = Metrics::new();
+    let topology = Arc::new(Topology::new(metrics.clone()));
+    let settings = crate::subscription::StreamSettings {
+        resume_grace: grace,
+        ..Default::default()
+    };
+    let fanout = Fanout::new(settings, metrics.clone());
+    Arc::new(Registry::new(
+        topology,
+        Arc::new(Recorder::default()),
+        fanout,
+        Caps::default(),
+        metrics,
+    ))
+}
+
+/// Joins `set` as a resumable client and leaves at once.
+fn join_and_leave(registry: &Arc<Registry>, pairs: &[(&str, &str)]) {
+    let client = registry
+        .subscribe(set(pairs), || true)
+        .expect("within the caps");
+    client.subscription().expect("subscribed").mark_resumable();
+    drop(client);
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_lingering_subscription_goes_one_grace_period_after_its_last_client() {
+    let registry = lingering_registry(Duration::from_secs(30));
+    join_and_leave(&registry, &[("exchange/x", "a")]);
+    assert_eq!(registry.len(), 1, "it lingers");
+
+    // A client comes and goes 20 s later: the grace period runs from then.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    join_and_leave(&registry, &[("exchange/x", "a")]);
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(registry.len(), 1, "49 s in, 29 s after the last client");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(registry.is_empty(), "gone 31 s after the last client");
+    assert_eq!(registry.lingering.len(), 0);
+
+    // A client that holds it at the deadline keeps it, and it lingers again after.
+    join_and_leave(&registry, &[("exchange/x", "b")]);
+    let held = registry
+        .subscribe(set(&[("exchange/x", "b")]), || true)
+        .expect("within the caps");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    assert_eq!(registry.len(), 1, "held by a client");
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(29)).await;
+    assert_eq!(registry.len(), 1, "lingers again after its last client");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(registry.is_empty());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn churn_on_lingering_subscriptions_adds_no_task_and_no_timer_entry() {
+    let registry = lingering_registry(Duration::from_secs(30));
+    join_and_leave(&registry, &[("exchange/x", "warm")]);
+    tokio::task::yield_now().await;
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let tasks_before = runtime.num_alive_tasks();
+
+    // Act: 2,000 departures from 10 resumable subscriptions.
+    for i in 0..2000 {
+        let pattern = format!("p{}", i % 10);
+        join_and_leave(&registry, &[("exchange/x", &pattern)]);
+    }
+    tokio::task::yield_now().await;
+
+    assert_eq!(registry.len(), 11, "all linger");
+    assert_eq!(registry.lingering.len(), 11, "one timer entry each");
+    assert_eq!(
+        runtime.num_alive_tasks(),
+        tasks_before,
+        "no task per departure"
+    );
+}
+
+#[test]
+fn a_server_stop_with_a_resumable_client_waiting_for_its_writer_does_not_deadlock() {
+    // A deadlock would hang the runtime's thread: the test waits for it with a deadline.
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let registry = lingering_registry(Duration::from_secs(30));
+            let client = registry
+                .subscribe(set(&[("exchange/x", "a")]), || true)
+                .expect("within the caps");
+            client.subscription().expect("subscribed").mark_resumable();
+            let (socket, _client) = crate::testing::socket_pair().await;
+            let peer = socket.peer_addr().expect("peer");
+            let at = client.position();
+            // Handed to a new writer, whose task has not run yet; then the server stops:
+            // the writer drops the client it never took, its last client.
+            client.attach(|member| {
+                Conn::new(
+                    socket,
+                    peer,
+                    crate::wire::Version::Http10,
+                    true,
+                    at,
+                    std::time::Instant::now() + Duration::from_secs(60),
+                    Box::new(member),
+                )
+            });
+            registry.fanout.closing.cancel();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(registry.len(), 1, "it lingers for a reconnect");
+        });
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the writer let go of its client without a deadlock");
+}

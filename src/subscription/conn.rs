@@ -17,20 +17,15 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
-use super::write::{Parts, consume, keep_rest, send};
+use super::cursor::{Cursor, Due, Window};
+use super::socket::Socket;
+use super::write::{MAX_FRAMES_PER_WRITE, MAX_PARTS, MAX_WRITE_BYTES, Parts, consume, keep_rest};
 use crate::message::{self, Frame, FrameKind, NO_ID};
 use crate::wire::{self, CHUNK_END, LAST_CHUNK, Version};
 
-/// Most frames one write carries.
-pub const MAX_FRAMES_PER_WRITE: usize = 64;
-/// A write stops taking frames past this many bytes (one frame at least).
-pub const MAX_WRITE_BYTES: usize = 256 * 1024;
 /// Bytes a streaming client may send (it has nothing to say) before it is dropped.
 const MAX_JUNK_BYTES: usize = 4096;
-/// Parts of one write: chunk head, lag notice, frames (each with its id), ping, end.
-pub(super) const MAX_PARTS: usize = 2 * MAX_FRAMES_PER_WRITE + 8;
 
 /// What a connection holds for as long as it lives (its registry membership, its
 /// admission slot); dropped with it.
@@ -38,12 +33,12 @@ pub type Lease = Box<dyn Send + Sync>;
 
 /// One client's stream (see the module doc).
 pub struct Conn {
-    socket: TcpStream,
+    socket: Socket,
     peer: SocketAddr,
     version: Version,
     resumable: bool,
-    /// Log position of the next frame to write.
-    next: u64,
+    /// Its position in the log (the next frame to write).
+    cursor: Cursor,
     /// The rest of a write the socket did not take whole.
     pending: VecDeque<Bytes>,
     /// The stream ends once `pending` is written.
@@ -73,24 +68,15 @@ pub struct PassView<'a> {
     pub now: Instant,
     /// A ping due before this is written now (pings due close together share a pass).
     pub ping_due_by: Instant,
-    /// Frames from `first` on (a copy of the log's, taken this pass).
-    pub frames: &'a [Frame],
-    pub first: u64,
-    /// The log's oldest position: a client before it has lagged.
-    pub log_first: u64,
-    /// Frames up to this position may be written now (the rest waits for the end of the
-    /// coalescing window).
-    pub writable_until: u64,
-    /// `id:` lines of resumable streams, one per frame (empty without resumable clients).
-    pub ids: &'a [Bytes],
+    /// The frames this pass copied out of the log.
+    pub window: Window<'a>,
     /// A `ping` frame for clients whose ping is due (and its `id` for resumable ones).
     pub ping: &'a dyn Fn(&Conn) -> Bytes,
     pub ping_interval: std::time::Duration,
     pub stall_timeout: std::time::Duration,
-    /// The gateway is draining (looked at only by a client that lagged).
-    pub draining: &'a dyn Fn() -> bool,
-    /// The `gap` event a resumable client that lagged gets (instead of the comment).
-    pub gap: &'a dyn Fn(&Conn, u64) -> Bytes,
+    /// The `gap` event a resumable client that lagged gets (instead of the comment): it
+    /// names the position before the first frame it goes on with, and how many it missed.
+    pub gap: &'a dyn Fn(u64, u64) -> Bytes,
 }
 
 /// What one pass did with one client.
@@ -114,7 +100,7 @@ pub struct Written {
 impl Conn {
     /// A stream whose `ready` is written, reading from log position `next`.
     pub fn new(
-        socket: TcpStream,
+        socket: impl Into<Socket>,
         peer: SocketAddr,
         version: Version,
         resumable: bool,
@@ -123,11 +109,11 @@ impl Conn {
         lease: Lease,
     ) -> Self {
         Self {
-            socket,
+            socket: socket.into(),
             peer,
             version,
             resumable,
-            next,
+            cursor: Cursor::at(next),
             pending: VecDeque::new(),
             ending: false,
             next_ping,
@@ -137,8 +123,9 @@ impl Conn {
         }
     }
 
+    /// The log position of the next frame to write.
     pub fn next(&self) -> u64 {
-        self.next
+        self.cursor.next()
     }
 
     pub fn peer(&self) -> SocketAddr {
@@ -165,7 +152,7 @@ impl Conn {
 
     /// Whether the client lags behind frames it may write now.
     pub fn behind(&self, writable_until: u64) -> bool {
-        self.pending.is_empty() && self.next < writable_until
+        self.pending.is_empty() && self.cursor.behind(writable_until)
     }
 
     /// One pass: notice a closed or misbehaving client, finish a pending write, then write
@@ -182,14 +169,19 @@ impl Conn {
         if self.ending {
             return Step::Gone(Gone::Ended);
         }
+        let Some(due) = self.cursor.due(&view.window) else {
+            // Its next frames are not in this pass's copy (it was finishing an earlier
+            // write when the copy was taken): the next pass copies them.
+            return Step::Keep { more: true };
+        };
         let ping_due = view.ping_due_by >= self.next_ping;
-        if self.next >= view.writable_until && !ping_due {
+        if due.missed == 0 && due.frames.is_empty() && due.end.is_none() && !ping_due {
             return Step::Keep { more: false };
         }
-        match self.write_due(cx, view, ping_due, out) {
+        match self.write_due(cx, view, due, ping_due, out) {
             Ok(()) if self.ending && self.pending.is_empty() => Step::Gone(Gone::Ended),
             Ok(()) => Step::Keep {
-                more: self.behind(view.writable_until),
+                more: self.behind(view.window.writable_until),
             },
             Err(gone) => Step::Gone(gone),
         }
@@ -229,7 +221,7 @@ impl Conn {
                 *slot = IoSlice::new(bytes);
                 n += 1;
             }
-            match send(&self.socket, &slices[..n]) {
+            match self.socket.send(&slices[..n]) {
                 Ok(0) => return Err(Gone::Closed),
                 Ok(n) => {
                     self.last_progress = view.now;
@@ -252,44 +244,42 @@ impl Conn {
         Ok(true)
     }
 
-    /// Assembles and writes one chunk: a lag notice if the client lost frames, the frames
-    /// it may write now, a ping if due, and the end of the stream if a frame ends it.
+    /// Assembles and writes one chunk: a notice if the client lost frames, the frames
+    /// due to it, a ping if due, and the end of the stream if a frame ends it. The cursor
+    /// moves past exactly what the chunk carries.
     fn write_due(
         &mut self,
         cx: &mut Context<'_>,
         view: &PassView<'_>,
+        due: Due<'_>,
         ping_due: bool,
         out: &mut Written,
     ) -> Result<(), Gone> {
         let mut parts = Parts::default();
         let mut lag_notice = Bytes::new();
         let mut end_frame = Bytes::new();
-        if self.next < view.log_first {
-            let missed = view.log_first - self.next;
-            out.missed += missed;
-            self.next = view.log_first;
-            if (view.draining)() {
-                // The drain notice may be among the frames it lost.
-                end_frame = self.reconnect_frame();
-                self.ending = true;
-                parts.push_shared(&end_frame, 0, end_frame.len());
-                return self.write(cx, view, parts);
-            }
-            tracing::debug!(peer = %self.peer, missed, "slow client lost messages");
+        if due.missed > 0 {
+            out.missed += due.missed;
+            tracing::debug!(peer = %self.peer, missed = due.missed, "slow client lost messages");
+            let resumes_at = due.at() - u64::from(due.end.is_some());
             lag_notice = if self.resumable {
-                (view.gap)(self, missed)
+                (view.gap)(resumes_at, due.missed)
             } else {
-                message::lagged_comment(missed)
+                message::lagged_comment(due.missed)
             };
         }
         parts.push_shared(&lag_notice, 0, lag_notice.len());
-        let start = usize::try_from(self.next.saturating_sub(view.first)).unwrap_or(usize::MAX);
-        let until = usize::try_from(view.writable_until.saturating_sub(view.first))
-            .unwrap_or(usize::MAX)
-            .min(view.frames.len());
+        if let Some(end) = due.end {
+            // The frame that ends the stream was among those lost: it still ends it.
+            self.cursor.advance(&due, 0);
+            end_frame = self.end_frame(end);
+            self.ending = true;
+            parts.push_shared(&end_frame, 0, end_frame.len());
+            return self.write(cx, view, parts);
+        }
         let mut taken = 0;
         let mut bytes = 0;
-        for (i, frame) in view.frames.iter().enumerate().take(until).skip(start) {
+        for (i, frame) in due.frames.iter().enumerate() {
             if taken == MAX_FRAMES_PER_WRITE || (taken > 0 && bytes >= MAX_WRITE_BYTES) {
                 break;
             }
@@ -298,7 +288,7 @@ impl Conn {
             match frame.kind {
                 FrameKind::Message => {
                     out.frames.push(frame.received);
-                    match view.ids.get(i).filter(|_| self.resumable) {
+                    match due.ids.get(i).filter(|_| self.resumable) {
                         Some(id) => {
                             parts.push_shared(&frame.bytes, 0, frame.bytes.len() - NO_ID.len());
                             parts.push_shared(id, 0, id.len());
@@ -307,12 +297,8 @@ impl Conn {
                     }
                 }
                 FrameKind::Comment => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),
-                FrameKind::End => {
-                    parts.push_shared(&frame.bytes, 0, frame.bytes.len());
-                    self.ending = true;
-                }
-                FrameKind::Drain => {
-                    end_frame = self.reconnect_frame();
+                FrameKind::End | FrameKind::Drain => {
+                    end_frame = self.end_frame(frame);
                     self.ending = true;
                 }
             }
@@ -320,7 +306,7 @@ impl Conn {
                 break;
             }
         }
-        self.next += taken as u64;
+        self.cursor.advance(&due, taken);
         let ping;
         if ping_due && !self.ending {
             ping = (view.ping)(self);
@@ -334,9 +320,13 @@ impl Conn {
         self.write(cx, view, parts)
     }
 
-    /// The frame that sends a draining gateway's client elsewhere.
-    fn reconnect_frame(&self) -> Bytes {
-        message::drain_frame(self.resumable)
+    /// What a frame that ends the stream writes: an `error` as it is; the drain marker
+    /// as this client's own reconnect frame (its retry delay is jittered per client).
+    fn end_frame(&self, frame: &Frame) -> Bytes {
+        match frame.kind {
+            FrameKind::Drain => message::drain_frame(self.resumable),
+            _ => frame.bytes.clone(),
+        }
     }
 
     /// Frames `parts` as one chunk and writes it; keeps what the socket did not take.
@@ -367,7 +357,7 @@ impl Conn {
             }
         }
         let total: usize = slices[..n].iter().map(|s| s.len()).sum();
-        let written = match send(&self.socket, &slices[..n]) {
+        let written = match self.socket.send(&slices[..n]) {
             Ok(written) => written,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(_) => return Err(Gone::Closed),
@@ -412,6 +402,6 @@ impl Conn {
 
     /// Closes the sending side after the last bytes (a clean end for the client).
     pub fn finish(self) {
-        let _ = socket2::SockRef::from(&self.socket).shutdown(std::net::Shutdown::Write);
+        self.socket.shutdown_write();
     }
 }

@@ -8,28 +8,43 @@
 //! and writes the new frames to all of them in one pass, with non-blocking writes.
 //!
 //! Invariants:
+//! - the stream rule: every client's stream is the subscription's frames in order from
+//!   its own position, each exactly once, or one notice covering exactly the frames the
+//!   log dropped before it could write them; a frame that ends streams (an `error`, the
+//!   drain marker) ends the stream even when it was dropped. [`cursor`] is the one place
+//!   that decides what a client writes next and moves it; `model_tests` checks the rule
+//!   under random schedules;
 //! - fan-out never waits on a slow client: a socket that would block keeps its unwritten
 //!   rest (at most one write's worth) and its position in the log; the others go on; the
 //!   log's bounds decide when it has lagged (it is then told how many frames it lost);
 //! - memory follows traffic: the log holds only frames a client still needs, or that the
 //!   replay window keeps for clients that may resume, within its bounds;
-//! - a client attached here was given `ready` first (by `stream::connect`); it reads every
-//!   frame sent after it subscribed ([`Subscription::pin`]);
+//! - a client attached here was given `ready` first (by `connect`); it reads every frame
+//!   sent after it subscribed ([`Subscription::pin`]);
 //! - the lock is a std `Mutex`, never held across an `.await` nor during a socket write:
-//!   a shard copies the frames it needs (reference counts) and writes after unlocking.
+//!   a shard copies the frames it needs (reference counts) and writes after unlocking;
+//!   nor while a connection is dropped: its lease leaves the registry, which may look
+//!   at this subscription again.
 //!
-//! This type sits below the registry (which creates and counts subscriptions) and the
-//! topology (which routes deliveries to them): http → registry → topology → subscription.
+//! This type sits below the registry (which creates, counts and lingers subscriptions)
+//! and the topology (which routes deliveries to them): server → connect → registry →
+//! topology → subscription.
 
 mod conn;
+mod cursor;
 mod log;
+#[cfg(test)]
+mod model_tests;
 mod position;
 mod shard;
+#[cfg(test)]
+mod sim;
+mod socket;
 #[cfg(test)]
 mod tests;
 mod write;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -64,6 +79,8 @@ pub struct StreamSettings {
     /// How long a resumable subscription (and its broker bindings) outlives its last
     /// client, for a reconnect to resume (RESUME_GRACE).
     pub resume_grace: Duration,
+    /// Most clients one writer task serves ([`SHARD_CLIENTS`]; smaller in model tests).
+    pub shard_clients: usize,
 }
 
 impl Default for StreamSettings {
@@ -76,6 +93,7 @@ impl Default for StreamSettings {
             stall_timeout: Duration::from_secs(40),
             log: LogLimits::default(),
             resume_grace: Duration::from_secs(30),
+            shard_clients: SHARD_CLIENTS,
         }
     }
 }
@@ -84,10 +102,6 @@ impl Default for StreamSettings {
 pub struct Fanout {
     pub settings: StreamSettings,
     pub metrics: Metrics,
-    /// Cancelled when the gateway starts draining. Streams learn of a drain from the
-    /// marker frame in their log; this is looked at only for a stream that lagged, since
-    /// the marker may be among the frames it lost.
-    pub draining: CancellationToken,
     /// Cancelled when the server stops: writers close every socket they still hold.
     pub closing: CancellationToken,
     /// This process's epoch (random at start): resumable ids from another process (a
@@ -97,19 +111,9 @@ pub struct Fanout {
 
 impl Fanout {
     pub fn new(settings: StreamSettings, metrics: Metrics) -> Arc<Self> {
-        Self::with_draining(settings, metrics, CancellationToken::new())
-    }
-
-    /// Writers that learn of a drain from `draining` too (see [`Fanout::draining`]).
-    pub fn with_draining(
-        settings: StreamSettings,
-        metrics: Metrics,
-        draining: CancellationToken,
-    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             metrics,
-            draining,
             closing: CancellationToken::new(),
             epoch: fastrand::u64(..),
         })
@@ -127,9 +131,12 @@ pub struct Subscription {
     state: Mutex<State>,
     /// Clients holding this subscription; changed only under the registry's shard lock.
     pub(crate) clients: AtomicUsize,
-    /// Bumped each time the last client leaves a resumable subscription, which then
-    /// lingers for the grace period (see the registry).
-    pub(crate) lingers: std::sync::atomic::AtomicU64,
+    /// When the last client left, while the subscription lingers for a reconnect (see
+    /// the registry's `linger`); changed only under the registry's map lock.
+    pub(crate) left_at: Mutex<Option<tokio::time::Instant>>,
+    /// Whether the subscription has its entry in the registry's grace-period queue;
+    /// changed only under the registry's map lock.
+    pub(crate) queued: std::sync::atomic::AtomicBool,
 }
 
 struct State {
@@ -141,6 +148,10 @@ struct State {
     /// Positions of clients that subscribed but are not attached yet (waiting for
     /// `ready`): the log keeps their frames.
     pins: BTreeMap<u64, usize>,
+    /// Frames sent that end every stream (an `error`, the drain marker) and their
+    /// positions, as long as a client may still need them: a client that lost one to the
+    /// log's bounds still ends with it. Rare: one per refused exchange, one drain.
+    ends: VecDeque<(u64, Frame)>,
 }
 
 /// The subscription's view of one writer task.
@@ -173,9 +184,11 @@ impl Subscription {
                 resumable: false,
                 shards: Vec::new(),
                 pins: BTreeMap::new(),
+                ends: VecDeque::new(),
             }),
             clients: AtomicUsize::new(1),
-            lingers: std::sync::atomic::AtomicU64::new(0),
+            left_at: Mutex::new(None),
+            queued: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -192,7 +205,11 @@ impl Subscription {
     /// Appends a frame for every client and wakes the writers (one wake per shard).
     pub(crate) fn send(&self, frame: Frame) {
         let mut state = self.state();
-        state.log.push(frame);
+        let ends = frame.ends_stream().then(|| frame.clone());
+        let seq = state.log.push(frame);
+        if let Some(end) = ends {
+            state.ends.push_back((seq, end));
+        }
         if state.shards.is_empty() && state.pins.is_empty() {
             // Nobody will read it now (a resumable subscription keeps it for a reconnect).
             state.retain(Instant::now());
@@ -273,20 +290,29 @@ impl Subscription {
 
     /// Hands a client (its `ready` written) to a writer; its pin goes with it.
     pub fn attach(self: &Arc<Self>, conn: Conn, pinned_at: u64) {
+        if let Some(shared) = self.hand_over(conn, pinned_at) {
+            tokio::spawn(shard::run(self.clone(), shared));
+        }
+    }
+
+    /// Puts a client in the inbox of a shard with room, or of a new shard, which the
+    /// caller must then run (returned).
+    fn hand_over(&self, conn: Conn, pinned_at: u64) -> Option<Arc<ShardShared>> {
         let mut state = self.state();
         // The pin goes only once the shard needs the client's frames: unpinned first, a
         // frame sent between `ready` and now would be dropped as needed by nobody.
+        let max = self.fanout.settings.shard_clients.max(1);
         let room = state
             .shards
             .iter_mut()
-            .filter(|s| s.attached + s.inbox.len() < SHARD_CLIENTS)
+            .filter(|s| s.attached + s.inbox.len() < max)
             .min_by_key(|s| s.attached + s.inbox.len());
         if let Some(slot) = room {
             slot.needs_from = slot.needs_from.min(conn.next());
             slot.inbox.push(conn);
             slot.shared.waker.wake();
             state.unpin(pinned_at);
-            return;
+            return None;
         }
         let shared = Arc::new(ShardShared {
             id: fastrand::u64(..),
@@ -299,8 +325,7 @@ impl Subscription {
             attached: 0,
         });
         state.unpin(pinned_at);
-        drop(state);
-        tokio::spawn(shard::run(self.clone(), shared));
+        Some(shared)
     }
 
     /// Up to `max` frames from log position `from` on (a copy: shared `Bytes`), or how
@@ -343,13 +368,16 @@ impl State {
     /// Drops the frames no client needs any more; a resumable subscription keeps what the
     /// replay window allows (its count, bytes and age bounds) for clients that come back.
     fn retain(&mut self, now: Instant) {
-        let from = if self.resumable {
-            self.log.first_seq()
-        } else {
-            let pinned = self.pins.keys().next().copied();
-            let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
-            needed.unwrap_or_else(|| self.log.next_seq())
+        let pinned = self.pins.keys().next().copied();
+        let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
+        let needed = needed.unwrap_or_else(|| self.log.next_seq());
+        let from = match self.resumable {
+            true => self.log.first_seq(),
+            false => needed,
         };
         self.log.retain_from(from, now);
+        while self.ends.front().is_some_and(|(at, _)| *at < needed) {
+            self.ends.pop_front();
+        }
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! Each pass (woken by a new frame, a socket becoming readable or writable, or its timer):
 //! take the clients handed over, copy the frames they need out of the log (reference
-//! counts, under the lock), then visit every client once, without the lock: notice a
-//! closed socket, finish a write the socket did not take, and write what is due in one
-//! non-blocking vectored write. Then report back the clients held and the oldest position
-//! they need, so that the log drops what nobody needs.
+//! counts, under the lock) into a window, then visit every client once, without the
+//! lock: notice a closed socket, finish a write the socket did not take, and write what
+//! is due from its own position (see `cursor`) in one non-blocking vectored write. A
+//! client whose frames are not in the window (it finished an earlier write during the
+//! pass) is served by the next pass, at once. Then report back the clients held and the
+//! oldest position they need, so that the log drops what nobody needs.
 //!
 //! Invariants:
 //! - the task never waits on one socket: a write that would block is kept by its
@@ -18,17 +20,15 @@
 //!   subscription's lock, so that a client handed over is never lost.
 
 use std::cell::RefCell;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use prometheus::local::{LocalHistogram, LocalIntCounter};
-use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::conn::{Conn, Gone, PassView, Step, Written};
+use super::cursor::Window;
 use super::log::Read;
 use super::{ShardShared, Subscription};
 use crate::message::{self, Frame};
@@ -40,15 +40,52 @@ const MAX_FRAMES_PER_PASS: usize = 4096;
 /// share a pass.
 const MAX_PING_SLACK: Duration = Duration::from_millis(250);
 
-/// Runs the shard until it holds no client.
+/// Runs the shard until it holds no client, or the server stops.
 pub(super) async fn run(sub: Arc<Subscription>, shared: Arc<ShardShared>) {
+    let mut closing = std::pin::pin!(sub.fanout.closing.clone().cancelled_owned());
+    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut shard = Shard::new(sub, shared);
     // Unconstrained: a pass polls the readiness of every socket of the shard, more than
     // tokio's per-poll budget allows; a pass is bounded by the shard's size.
-    tokio::task::coop::unconstrained(std::future::poll_fn(|cx| shard.poll(cx))).await;
+    let poll = std::future::poll_fn(|cx| {
+        if closing.as_mut().poll(cx).is_ready() {
+            shard.close();
+            return Poll::Ready(());
+        }
+        match shard.pass(cx, Instant::now()) {
+            Pass::Ended => Poll::Ready(()),
+            Pass::Again => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Pass::Until(deadline) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                if timer.deadline() != deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
+        }
+    });
+    tokio::task::coop::unconstrained(poll).await;
 }
 
-struct Shard {
+/// What a pass leaves to do.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Pass {
+    /// The shard holds no client and none is waiting: the task ends.
+    Ended,
+    /// A client has more to write at once: pass again.
+    Again,
+    /// Pass again when woken (a frame, a client, a socket), or at this time at the latest
+    /// (a ping, a stall deadline, the end of the coalescing window).
+    Until(Instant),
+}
+
+pub(super) struct Shard {
     sub: Arc<Subscription>,
     shared: Arc<ShardShared>,
     clients: Vec<Conn>,
@@ -56,12 +93,12 @@ struct Shard {
     frames: Vec<Frame>,
     /// The `id:` line of each of `frames`, when a client of the shard is resumable.
     ids: Vec<Bytes>,
+    /// This pass's copy of the subscription's frames that end streams (see `cursor`).
+    ends: Vec<(u64, Frame)>,
     /// Frames before this position may be written; later ones wait for the end of the
     /// coalescing window.
     synced: u64,
     last_flush: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
-    closing: Pin<Box<WaitForCancellationFutureOwned>>,
     written: Written,
     /// Clients counted in the `streams_blocked` gauge by this shard.
     blocked: i64,
@@ -70,7 +107,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn new(sub: Arc<Subscription>, shared: Arc<ShardShared>) -> Self {
+    pub(super) fn new(sub: Arc<Subscription>, shared: Arc<ShardShared>) -> Self {
         let fanout = sub.fanout.clone();
         Self {
             sub,
@@ -78,10 +115,9 @@ impl Shard {
             clients: Vec::new(),
             frames: Vec::new(),
             ids: Vec::new(),
+            ends: Vec::new(),
             synced: 0,
             last_flush: None,
-            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
-            closing: Box::pin(fanout.closing.clone().cancelled_owned()),
             written: Written::default(),
             blocked: 0,
             latency: fanout.metrics.fanout_latency.local(),
@@ -89,16 +125,10 @@ impl Shard {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// One pass at time `now` (see the module doc). The task registers for the shard's
+    /// wake-ups and for the readiness of every socket it could not finish.
+    pub(super) fn pass(&mut self, cx: &mut Context<'_>, now: Instant) -> Pass {
         self.shared.waker.register(cx.waker());
-        if self.closing.as_mut().poll(cx).is_ready() {
-            // The server stopped: whoever is still here is cut off.
-            self.clients.clear();
-            self.set_blocked(0);
-            self.leave_if_empty();
-            return Poll::Ready(());
-        }
-        let now = Instant::now();
         let (log_first, first, hold_until) = self.take_clients_and_frames(now);
         let settings = &self.sub.fanout.settings;
         let ping_slack = (settings.ping_interval / 10).min(MAX_PING_SLACK);
@@ -123,23 +153,24 @@ impl Shard {
             own.extend_from_slice(&self.sub.id_line(conn.next().saturating_sub(1)));
             Bytes::from(own)
         };
-        let draining = || self.sub.fanout.draining.is_cancelled();
-        let gap = |conn: &Conn, missed: u64| {
-            let at = self.sub.position(conn.next());
+        let gap = |at: u64, missed: u64| {
+            let at = self.sub.position(at);
             message::gap_frame("slow", Some(missed), &at.id())
         };
         let view = PassView {
             now,
             ping_due_by: now + ping_slack,
-            frames: &self.frames,
-            first,
-            log_first,
-            writable_until: self.synced,
-            ids: &self.ids,
+            window: Window {
+                frames: &self.frames,
+                ids: &self.ids,
+                first,
+                log_first,
+                writable_until: self.synced,
+                ends: &self.ends,
+            },
             ping: &ping_for,
             ping_interval: settings.ping_interval,
             stall_timeout: settings.stall_timeout,
-            draining: &draining,
             gap: &gap,
         };
         let mut more = false;
@@ -181,20 +212,12 @@ impl Shard {
         let blocked = self.clients.iter().filter(|c| c.blocked()).count() as i64;
         self.set_blocked(blocked);
         if self.report(now) {
-            return Poll::Ready(());
+            return Pass::Ended;
         }
         if more {
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
+            return Pass::Again;
         }
-        let deadline = tokio::time::Instant::from_std(deadline);
-        if self.timer.deadline() != deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        if self.timer.as_mut().poll(cx).is_ready() {
-            cx.waker().wake_by_ref();
-        }
-        Poll::Pending
+        Pass::Until(deadline)
     }
 
     /// Takes the clients handed over and copies the frames the clients need; decides
@@ -212,6 +235,8 @@ impl Shard {
         }
         let head = state.log.next_seq();
         let log_first = state.log.first_seq();
+        self.ends.clear();
+        self.ends.extend(state.ends.iter().cloned());
         let mut hold_until = None;
         if head > self.synced {
             let window = self.sub.fanout.settings.write_coalesce;
@@ -291,9 +316,23 @@ impl Shard {
         false
     }
 
-    fn leave_if_empty(&mut self) {
-        let mut state = self.sub.state();
-        state.shards.retain(|s| s.shared.id != self.shared.id);
-        state.retain(Instant::now());
+    /// The server stopped: whoever is still here, or was handed over and not taken yet,
+    /// is cut off.
+    pub(super) fn close(&mut self) {
+        self.clients.clear();
+        self.set_blocked(0);
+        let slot = {
+            let mut state = self.sub.state();
+            let index = state
+                .shards
+                .iter()
+                .position(|s| s.shared.id == self.shared.id);
+            let slot = index.map(|i| state.shards.swap_remove(i));
+            state.retain(Instant::now());
+            slot
+        };
+        // Dropped without the subscription's lock: a connection's lease leaves the
+        // registry, which may look at this subscription again.
+        drop(slot);
     }
 }

@@ -2,9 +2,9 @@
 
 use super::*;
 use crate::binding::Binding;
+use crate::testing::socket_pair;
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tokio::net::{TcpListener, TcpStream};
 
 fn subscription() -> Arc<Subscription> {
     let bindings = Arc::new(BindingSet::new(vec![Binding {
@@ -13,16 +13,6 @@ fn subscription() -> Arc<Subscription> {
     }]));
     let fanout = Fanout::new(StreamSettings::default(), Metrics::new());
     Arc::new(Subscription::new(bindings, fanout))
-}
-
-/// A connected pair of loopback sockets: (the gateway's side, the client's side).
-async fn socket_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let client = TcpStream::connect(listener.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (server, _) = listener.accept().await.expect("accept");
-    (server, client)
 }
 
 #[tokio::test(flavor = "current_thread")]

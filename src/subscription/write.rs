@@ -1,24 +1,17 @@
 //! The pieces of one write to a client's socket: the parts it carries (borrowed, on the
-//! stack), the non-blocking send, and what is kept of a write the socket did not take
-//! whole (slices of the shared frames, never copies of them).
+//! stack), and what is kept of a write the socket did not take whole (slices of the
+//! shared frames, never copies of them).
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 
-use super::conn::MAX_PARTS;
-
-/// One non-blocking vectored write. `sendmsg` rather than tokio's `writev`: a socket
-/// write that skips the file layer (its position lock and checks) costs less per call,
-/// and a stream makes one call per frame it writes. A would-block clears tokio's
-/// readiness, as tokio's own writes do.
-pub(super) fn send(socket: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
-    socket.try_io(tokio::io::Interest::WRITABLE, || {
-        socket2::SockRef::from(socket).send_vectored(slices)
-    })
-}
+/// Most frames one write carries.
+pub const MAX_FRAMES_PER_WRITE: usize = 64;
+/// A write stops taking frames past this many bytes (one frame at least).
+pub const MAX_WRITE_BYTES: usize = 256 * 1024;
+/// Parts of one write: chunk head, lag notice, frames (each with its id), ping, end.
+pub(super) const MAX_PARTS: usize = 2 * MAX_FRAMES_PER_WRITE + 8;
 
 /// Adds `bytes` to `pending`, less the first `skip` bytes of the write (already taken).
 pub(super) fn keep_rest(pending: &mut VecDeque<Bytes>, skip: &mut usize, bytes: Bytes) {

@@ -6,6 +6,7 @@ mod abuse;
 mod drain;
 mod embedded;
 mod fanout;
+mod integrity;
 mod protocol;
 mod proxy;
 mod resilience;

@@ -17,6 +17,9 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod stream_rule;
+pub use stream_rule::{Dechunk, StreamRule};
+
 /// Where the tests find RabbitMQ (override with TEST_AMQP_URL).
 pub fn amqp_url() -> String {
     std::env::var("TEST_AMQP_URL")
@@ -66,6 +69,23 @@ impl TestGateway {
             .expect("publish");
         let status = resp.status().as_u16();
         (status, resp.json().await.unwrap_or_default())
+    }
+
+    /// Publishes in-process on the embedded broker (no HTTP round trip, so that a test can
+    /// keep an exact rate); returns how many subscriptions the message reached.
+    pub fn publish_embedded(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &serde_json::Value,
+    ) -> usize {
+        let running = self.running.as_ref().expect("running");
+        match running.broker() {
+            events_gateway::broker::Broker::Memory(broker) => {
+                broker.publish(exchange, routing_key, &[], payload.to_string().as_bytes())
+            }
+            _ => panic!("publish_embedded needs the embedded broker"),
+        }
     }
 
     /// Same, without first checking that RabbitMQ is up (for tests of broker outages).
