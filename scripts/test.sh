@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project on this machine:
 #   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent);
-#   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ;
+#   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ, then
+#      the integration tests again against RabbitMQ 4.3 with upstream's defaults
+#      (scripts/rabbitmq-4.3.sh builds it from Debian's packages the first time);
 #   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate
 #      (and deploy/mistakes.py: the check catches deliberate mistakes);
 #   4. tests/browser/run.sh: the live page in headless Chromium against the real binary.
@@ -31,8 +33,16 @@ python3 deploy/mistakes.py
 echo "== module layering (no import cycles)"
 python3 scripts/module-cycles.py
 
-echo "== cargo test"
+echo "== cargo test (RabbitMQ $(rabbitmqctl -q version 2>/dev/null || echo '?'))"
 cargo test
+
+echo "== RabbitMQ 4.3 with upstream's defaults"
+./scripts/rabbitmq-4.3.sh start
+echo "== integration tests against RabbitMQ $(./scripts/rabbitmqctl-4.3 -q version)"
+TEST_AMQP_URL=$(./scripts/rabbitmq-4.3.sh url) \
+  TEST_RABBITMQCTL="$PWD/scripts/rabbitmqctl-4.3" \
+  cargo test --test gateway --test broker_restart
+./scripts/rabbitmq-4.3.sh stop
 
 echo "== browser test"
 cargo build --bin events-gateway

@@ -28,6 +28,10 @@ pub enum FrameKind {
     Message,
     /// An SSE comment (a notice): no id.
     Comment,
+    /// Messages may have been missed (the broker queue was lost): the comment in the
+    /// frame for the original protocol; a resumable stream writes a `gap` event
+    /// (`{"reason":"broker"}`) with the frame's position instead.
+    Missed,
     /// The last frame of the stream (an `error` that ends it).
     End,
     /// Not written: the gateway is draining, and each stream ends with a reconnect frame
@@ -52,6 +56,15 @@ impl Frame {
             bytes,
             received: Instant::now(),
             kind: FrameKind::Comment,
+        }
+    }
+
+    /// A "messages may have been missed" notice (see [`FrameKind::Missed`]).
+    pub fn missed(comment: Bytes) -> Self {
+        Self {
+            bytes: comment,
+            received: Instant::now(),
+            kind: FrameKind::Missed,
         }
     }
 
@@ -184,6 +197,10 @@ pub fn gap_frame(reason: &str, missed: Option<u64>, id: &str) -> Bytes {
     };
     Bytes::from(format!("event: gap\ndata: {data}\nid: {id}\n\n"))
 }
+
+/// The head of the `gap` event a resumable stream gets for a [`FrameKind::Missed`] frame;
+/// its `id:` line (the frame's position) follows.
+pub const BROKER_GAP: &[u8] = b"event: gap\ndata: {\"reason\":\"broker\"}\n";
 
 /// The `ready` frame of a resumable stream: its `id` names the position it starts from.
 pub fn ready_frame_at(id: &str) -> Bytes {

@@ -90,6 +90,8 @@ pub struct MetricsInner {
     pub limit: IntGaugeVec,
     pub broker_connected: IntGauge,
     pub broker_reconnects: IntCounter,
+    pub broker_connect_failures: IntCounterVec,
+    pub broker_backoff: Gauge,
     pub broker_queues: IntGauge,
     pub broker_bindings: IntGauge,
     pub messages_received: IntCounter,
@@ -166,6 +168,19 @@ impl Metrics {
             broker_reconnects: IntCounter::new(
                 "events_gateway_broker_reconnects_total",
                 "AMQP connections established after the first one",
+            )
+            .expect("valid metric"),
+            broker_connect_failures: IntCounterVec::new(
+                Opts::new(
+                    "events_gateway_broker_connect_failures_total",
+                    "AMQP connections that failed, by stage: connect (an attempt failed or timed out), early_loss (a connection lost within 30 s of opening: the backoff keeps growing)",
+                ),
+                &["stage"],
+            )
+            .expect("valid metric"),
+            broker_backoff: Gauge::new(
+                "events_gateway_broker_backoff_seconds",
+                "The wait before the next AMQP connection attempt (0 while connected)",
             )
             .expect("valid metric"),
             broker_queues: IntGauge::new(
@@ -249,6 +264,8 @@ impl Metrics {
             Box::new(m.limit.clone()),
             Box::new(m.broker_connected.clone()),
             Box::new(m.broker_reconnects.clone()),
+            Box::new(m.broker_connect_failures.clone()),
+            Box::new(m.broker_backoff.clone()),
             Box::new(m.broker_queues.clone()),
             Box::new(m.broker_bindings.clone()),
             Box::new(m.messages_received.clone()),
@@ -286,6 +303,9 @@ impl Metrics {
         }
         for kind in LIMITS {
             m.limit.with_label_values(&[*kind]);
+        }
+        for stage in ["connect", "early_loss"] {
+            m.broker_connect_failures.with_label_values(&[stage]);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

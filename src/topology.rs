@@ -15,7 +15,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::message::{Frame, Incoming};
@@ -91,6 +90,14 @@ pub enum BindError {
     NoSuchExchange(String),
     #[error("Access to exchange `{0}` was refused by the broker")]
     AccessRefused(String),
+    #[error(
+        "The broker refused the routing key pattern `{pattern}` on exchange `{exchange}`: {reason}"
+    )]
+    PatternRefused {
+        exchange: String,
+        pattern: String,
+        reason: String,
+    },
     #[error("Timed out waiting for the broker to confirm the bindings; try again later")]
     Timeout,
     #[error("Unknown Internal Error")]
@@ -357,24 +364,51 @@ impl Topology {
 }
 
 impl Topology {
-    /// Sends `comment` (an SSE comment frame) to every subscription bound on `exchange`.
-    pub fn notice(&self, exchange: &str, comment: Bytes) {
-        self.broadcast_to_exchange(exchange, Frame::comment(comment));
+    /// Tells every subscription bound on `exchange` that messages may have been missed:
+    /// the broker queue that feeds it was lost (deleted, expired during an outage, or
+    /// declared anew under another name). Plain streams get the original's comment,
+    /// resumable ones a `gap` event (`{"reason":"broker"}`).
+    pub fn missed(&self, exchange: &str) {
+        let frame = Frame::missed(crate::message::missed_comment(exchange));
+        self.broadcast_to_exchange(exchange, frame, |_| true);
     }
 
     /// Ends the streams of every subscription bound on `exchange` with an `error` event
     /// (`text`): for clients already streaming when the broker refuses the exchange.
     pub fn fail_streams(&self, exchange: &str, text: &str) {
-        self.broadcast_to_exchange(exchange, Frame::end(crate::message::error_frame(text)));
+        let frame = Frame::end(crate::message::error_frame(text));
+        self.broadcast_to_exchange(exchange, frame, |_| true);
     }
 
-    fn broadcast_to_exchange(&self, exchange: &str, frame: Frame) {
+    /// The broker refused one binding: the clients waiting for it get `err` (their
+    /// `ready` fails), and the streams of subscriptions that hold it end with it. Nothing
+    /// else on the exchange changes.
+    pub fn fail_binding(&self, exchange: &str, pattern: &str, err: BindError) {
+        let frame = Frame::end(crate::message::error_frame(&err.to_string()));
+        self.set_state(exchange, pattern, BindState::Failed(err));
+        self.broadcast_to_exchange(exchange, frame, |sub| {
+            sub.bindings()
+                .iter()
+                .any(|b| b.exchange == exchange && b.pattern == pattern)
+        });
+    }
+
+    /// Sends `frame` to every subscription bound on `exchange` that `to` accepts.
+    fn broadcast_to_exchange(
+        &self,
+        exchange: &str,
+        frame: Frame,
+        to: impl Fn(&Subscription) -> bool,
+    ) {
         let mut targets: Vec<Arc<Subscription>> = Vec::new();
         {
             let map = self.read();
             if let Some(ex) = map.get(exchange) {
-                ex.trie
-                    .for_each(&mut |s: &SubRef| targets.push(s.0.clone()));
+                ex.trie.for_each(&mut |s: &SubRef| {
+                    if to(&s.0) {
+                        targets.push(s.0.clone());
+                    }
+                });
             }
         }
         dedup_by_identity(&mut targets);

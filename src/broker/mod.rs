@@ -43,6 +43,19 @@ impl Broker {
         }
     }
 
+    /// Whether a broker connection is up and holds, and what went wrong last if not (the
+    /// embedded broker is always healthy).
+    pub fn health(&self) -> amqp::Health {
+        match self {
+            Broker::Amqp(b) => b.health(),
+            Broker::Memory(_) => amqp::Health {
+                healthy: true,
+                connected: true,
+                reason: None,
+            },
+        }
+    }
+
     /// Where messages come from, without credentials.
     pub fn describe(&self) -> String {
         match self {

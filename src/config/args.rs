@@ -120,7 +120,8 @@ pub struct Args {
     pub max_pattern_words: usize,
 
     /// Most `#` wildcards in a routing-key pattern (each makes matching backtrack).
-    #[arg(long, env = "MAX_PATTERN_WILDCARDS", default_value_t = 3)]
+    /// Two by default: RabbitMQ 4.3.5 and later refuse a binding key with more.
+    #[arg(long, env = "MAX_PATTERN_WILDCARDS", default_value_t = 2)]
     pub max_pattern_wildcards: usize,
 
     /// Most bindings one connection may ask for.
@@ -180,7 +181,10 @@ pub struct Args {
     pub queue_max_bytes: usize,
 
     /// Most messages a broker queue holds while the gateway cannot keep up (oldest dropped).
-    #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 10_000)]
+    /// 1,500 by default: below Pulse's guardian, which warns a queue's owner at 2,000 ready
+    /// messages and deletes the queue at 8,000, so the gateway drops its oldest messages
+    /// itself (and its clients are told) instead of losing the whole queue.
+    #[arg(long, env = "QUEUE_MAX_LENGTH", default_value_t = 1_500)]
     pub queue_max_length: u32,
 
     /// A queue without consumer is deleted by the broker after this long (x-expires).

@@ -31,17 +31,18 @@ pub(super) fn lbheartbeat() -> impl Route {
         .map(|| json(StatusCode::OK, &serde_json::json!({})))
 }
 
-/// `GET /__heartbeat__`: 200 while the broker connection is up and the process is not
-/// draining, 503 otherwise; the details in both cases.
+/// `GET /__heartbeat__`: 200 while a broker connection is up and holds (see the broker's
+/// supervisor) and the process is not draining, 503 otherwise; the details in both cases
+/// (why the broker is not healthy, without credentials).
 pub(super) fn heartbeat(state: Arc<State>) -> impl Route {
     warp::path!("__heartbeat__")
         .and(warp::get())
         .and(with_state(state))
         .map(|state: Arc<State>| {
-            let connected = state.broker.is_connected();
+            let health = state.broker.health();
             let embedded = matches!(state.broker, Broker::Memory(_));
             let draining = state.draining.is_cancelled();
-            let status = if connected && !draining {
+            let status = if health.healthy && !draining {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -50,7 +51,9 @@ pub(super) fn heartbeat(state: Arc<State>) -> impl Route {
                 status,
                 &serde_json::json!({
                     "broker": {
-                        "connected": connected,
+                        "connected": health.connected,
+                        "healthy": health.healthy,
+                        "reason": health.reason,
                         "endpoint": state.broker.describe(),
                         "embedded": embedded,
                     },

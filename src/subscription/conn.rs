@@ -22,6 +22,9 @@ use super::cursor::{Cursor, Due, Window};
 use super::socket::Socket;
 use super::write::{MAX_FRAMES_PER_WRITE, MAX_PARTS, MAX_WRITE_BYTES, Parts, consume, keep_rest};
 use crate::message::{self, Frame, FrameKind, NO_ID};
+
+/// [`message::BROKER_GAP`] as shared bytes (a write borrows its parts).
+static BROKER_GAP: Bytes = Bytes::from_static(message::BROKER_GAP);
 use crate::wire::{self, CHUNK_END, LAST_CHUNK, Version};
 
 /// Bytes a streaming client may send (it has nothing to say) before it is dropped.
@@ -297,6 +300,13 @@ impl Conn {
                     }
                 }
                 FrameKind::Comment => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),
+                FrameKind::Missed => match due.ids.get(i).filter(|_| self.resumable) {
+                    Some(id) => {
+                        parts.push_shared(&BROKER_GAP, 0, BROKER_GAP.len());
+                        parts.push_shared(id, 0, id.len());
+                    }
+                    None => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),
+                },
                 FrameKind::End | FrameKind::Drain => {
                     end_frame = self.end_frame(frame);
                     self.ending = true;

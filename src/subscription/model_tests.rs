@@ -52,6 +52,8 @@ enum Send {
     Message(usize),
     /// An SSE comment (a notice to every client).
     Comment,
+    /// Messages may have been missed (a comment, or a `gap` on resumable streams).
+    Missed,
     /// An `error` that ends every stream.
     End,
     /// The drain marker: every stream ends with its reconnect frame.
@@ -102,7 +104,8 @@ fn case() -> impl Strategy<Value = Case> {
             prop::collection::vec(
                 prop_oneof![
                     50 => (1usize..1500).prop_map(Send::Message),
-                    5 => Just(Send::Comment),
+                    4 => Just(Send::Comment),
+                    2 => Just(Send::Missed),
                     1 => Just(Send::End),
                     1 => Just(Send::Drain),
                 ],
@@ -284,6 +287,7 @@ fn run(case: &Case) -> Outcome {
             sent += 1;
             let frame = match *send {
                 Send::Comment => Frame::comment(Bytes::from(format!(": note {sent}\n\n"))),
+                Send::Missed => Frame::missed(Bytes::from(format!(": missed {sent}\n\n"))),
                 Send::Message(size) => {
                     let data = format!("{{\"n\":{sent},\"pad\":\"{}\"}}", "x".repeat(size));
                     Frame::message(
@@ -432,6 +436,21 @@ fn check_stream(
             let n: u64 = rest.parse().map_err(|_| format!("bad note {event:?}"))?;
             if n != at {
                 return Err(format!("comment {n} where {at} was due"));
+            }
+            at += 1;
+        } else if let Some(rest) = event.strip_prefix(": missed ") {
+            let n: u64 = rest.parse().map_err(|_| format!("bad notice {event:?}"))?;
+            if resumable || n != at {
+                return Err(format!(
+                    "missed notice {n} at {at} (resumable: {resumable})"
+                ));
+            }
+            at += 1;
+        } else if event.starts_with("event: gap\ndata: {\"reason\":\"broker\"}\n") {
+            if !resumable || id_of(event) != Some(at) {
+                return Err(format!(
+                    "broker gap at {at}: {event:?} (resumable: {resumable})"
+                ));
             }
             at += 1;
         } else if let Some(rest) = event.strip_prefix(": ") {

@@ -24,6 +24,8 @@ mod queue;
 mod reconciler;
 mod supervisor;
 
+pub use supervisor::Health;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -87,6 +89,10 @@ pub fn endpoint(uri: &AMQPUri) -> String {
 struct Live {
     generation: u64,
     connection: Arc<Connection>,
+    /// When it opened.
+    opened: std::time::Instant,
+    /// The connection before it held (or this is the first): healthy at once.
+    trusted: bool,
 }
 
 /// The AMQP broker side. Create with [`AmqpBroker::start`].
@@ -98,6 +104,8 @@ pub struct AmqpBroker {
     topology: Arc<Topology>,
     metrics: Metrics,
     live: watch::Sender<Option<Live>>,
+    /// Why the last connection ended or attempt failed (for `/__heartbeat__`).
+    failure: Mutex<Option<String>>,
     /// Reconciler of each exchange in use. A std `Mutex`: held only for map updates.
     actors: Mutex<HashMap<String, Arc<Notify>>>,
     shutdown: CancellationToken,
@@ -126,6 +134,7 @@ impl AmqpBroker {
             topology,
             metrics,
             live: watch::channel(None).0,
+            failure: Mutex::new(None),
             actors: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             myself: myself.clone(),
@@ -144,9 +153,14 @@ impl AmqpBroker {
         endpoint(&self.settings.uri)
     }
 
-    /// Name of the queue this process uses for `exchange` (stable for the process's life).
-    pub fn queue_name(&self, exchange: &str) -> String {
-        let head = format!("{}/{}/", self.settings.queue_prefix, self.instance);
+    /// Name of the queue this process uses for `exchange`: stable for the process's life,
+    /// unless the broker cannot declare a queue under it (`renames` counts the new names
+    /// taken since).
+    pub fn queue_name(&self, exchange: &str, renames: u32) -> String {
+        let head = match renames {
+            0 => format!("{}/{}/", self.settings.queue_prefix, self.instance),
+            n => format!("{}/{}.{n}/", self.settings.queue_prefix, self.instance),
+        };
         let room = 255usize.saturating_sub(head.len());
         if exchange.len() <= room {
             return format!("{head}{exchange}");

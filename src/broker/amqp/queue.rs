@@ -1,11 +1,22 @@
 //! The reconciler's queue operations: declare the exchange's queue and start its consumer,
 //! check that the exchange and an earlier queue still exist, and delete the queue.
 //!
+//! The declaration works on RabbitMQ 3.10 through 4.3 with upstream's defaults: a durable
+//! classic queue (4.3 refuses transient non-exclusive queues; an explicit
+//! `x-queue-type=classic` keeps brokers that default to quorum queues from making it one),
+//! with `x-expires` (it goes by itself once the gateway is gone) and length bounds
+//! (drop-head). Durable costs: its metadata is kept on disk, and persistent messages
+//! routed to it are written to disk.
+//!
 //! Invariants:
 //! - a queue is declared only after a passive declare found its exchange, so a missing
 //!   exchange leaves nothing on the broker;
 //! - a queue from an earlier connection is re-declared only after a passive check that it
 //!   survived; if it did not, its clients are told that messages may have been missed;
+//! - a queue the broker cannot declare under its name (404: a durable queue whose node is
+//!   down; 406: a queue of that name with other arguments) is declared under a new name,
+//!   and its clients are told that messages may have been missed; never "no such
+//!   exchange";
 //! - a refusal fails every binding of the exchange and ends the streams bound on it.
 
 use std::sync::atomic::Ordering;
@@ -19,33 +30,56 @@ use lapin::{Channel, ExchangeKind};
 
 use super::Live;
 use super::consumer::consume;
-use super::errors::{TimedError, is_not_found, refusal, timed};
+use super::errors::{
+    DeclareFailure, TimedError, declare_failure, exchange_refusal, is_not_found, timed,
+};
 use super::reconciler::{Reconciler, Retry};
-use crate::topology::BindState;
+use crate::topology::{BindError, BindState};
+
+/// New names tried in one pass for a queue the broker cannot declare under its name.
+const MAX_RENAMES_PER_PASS: u32 = 3;
 
 impl Reconciler {
     /// Checks the exchange exists, declares the queue and starts consuming. `Ok(false)`:
     /// the broker refused (the subscriptions were told); nothing was left on the broker.
-    pub(super) async fn declare(&mut self, ops: &Channel, live: &Live) -> Result<bool, Retry> {
-        if let Err(err) = exchange_exists(ops, &self.exchange).await {
-            return self.refused(err);
+    pub(super) async fn declare(&mut self, live: &Live) -> Result<bool, Retry> {
+        let ops = self.ops_channel(live).await?;
+        if let Err(err) = exchange_exists(&ops, &self.exchange).await {
+            return self.exchange_failed(err);
         }
-        let ops = if self.queue_may_exist {
-            self.check_queue_survived(ops, live).await?
-        } else {
-            ops.clone()
-        };
         let options = QueueDeclareOptions {
-            durable: false,
+            durable: true,
             exclusive: false,
             auto_delete: false,
             ..Default::default()
         };
-        let declared =
-            timed(ops.queue_declare(self.queue.as_str().into(), options, self.queue_arguments()))
-                .await;
-        if let Err(err) = declared {
-            return self.refused(err);
+        let mut renames = 0;
+        loop {
+            let ops = if self.queue_may_exist {
+                self.check_queue_survived(live).await?
+            } else {
+                self.ops_channel(live).await?
+            };
+            let declared = timed(ops.queue_declare(
+                self.queue.as_str().into(),
+                options,
+                self.queue_arguments(),
+            ))
+            .await;
+            let err = match declared {
+                Ok(_) => break,
+                Err(err) => err,
+            };
+            self.ops = None;
+            match declare_failure(&err, &self.exchange) {
+                DeclareFailure::Refused(refused) => return Ok(self.fail_exchange(refused)),
+                DeclareFailure::Retry => return Err(Retry::from(err)),
+                DeclareFailure::Rename(reason) if renames < MAX_RENAMES_PER_PASS => {
+                    renames += 1;
+                    self.rename_queue(&reason);
+                }
+                DeclareFailure::Rename(reason) => return Err(Retry(reason)),
+            }
         }
         self.declared = true;
         self.queue_may_exist = true;
@@ -53,6 +87,25 @@ impl Reconciler {
         Ok(true)
     }
 
+    /// The broker cannot declare the queue under its name: the next name is tried, and
+    /// the clients on the exchange are told that messages may have been missed if the
+    /// old queue held some for them. The old queue, if it exists, expires by itself.
+    fn rename_queue(&mut self, reason: &str) {
+        let old = std::mem::take(&mut self.queue);
+        self.renames += 1;
+        self.queue = self.broker.queue_name(&self.exchange, self.renames);
+        tracing::warn!(exchange = %self.exchange, %old, new = %self.queue, %reason, "the broker cannot declare the queue under its name; using a new one");
+        if self.queue_may_exist {
+            self.broker.topology.missed(&self.exchange);
+            self.consumer_end.recent().clear();
+        }
+        self.queue_may_exist = false;
+        self.bound.clear();
+        self.stale.clear();
+    }
+
+    /// `x-queue-type=classic` (brokers that default to quorum queues, as Amazon MQ's 4.2
+    /// does for durable ones, would otherwise put every message through a Raft log),
     /// `x-expires` (the queue outlives a short outage but not the process), and
     /// `x-max-length` and `x-max-length-bytes` with drop-head (the broker never holds an
     /// unbounded backlog, in messages or in bytes).
@@ -63,6 +116,10 @@ impl Reconciler {
             .as_millis()
             .clamp(1, u128::from(u32::MAX)) as u32;
         let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
         args.insert("x-expires".into(), AMQPValue::LongUInt(expires_ms));
         args.insert(
             "x-max-length".into(),
@@ -96,14 +153,15 @@ impl Reconciler {
             // Its bindings went with it.
             self.bound.clear();
         }
-        self.refused(err).map(|_| ())
+        self.exchange_failed(err).map(|_| ())
     }
 
     /// Before declaring again a queue we had: did it survive (outage shorter than
     /// `x-expires`, nobody deleted it)? If not, its messages since are lost: the
     /// subscriptions on this exchange are told, and nothing of the old queue is assumed.
     /// Returns the channel to go on with (a failed passive declare closes the channel).
-    async fn check_queue_survived(&mut self, ops: &Channel, live: &Live) -> Result<Channel, Retry> {
+    async fn check_queue_survived(&mut self, live: &Live) -> Result<Channel, Retry> {
+        let ops = self.ops_channel(live).await?;
         let passive = QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -112,17 +170,22 @@ impl Reconciler {
             timed(ops.queue_declare(self.queue.as_str().into(), passive, FieldTable::default()))
                 .await;
         match probe {
-            Ok(_) => Ok(ops.clone()),
+            Ok(queue) => {
+                if queue.message_count() >= self.broker.settings.queue_max_length {
+                    // The backlog reached its bound while we were away: the broker has
+                    // been dropping the oldest messages (drop-head).
+                    tracing::warn!(queue = %self.queue, exchange = %self.exchange, backlog = queue.message_count(), "the queue's backlog reached QUEUE_MAX_LENGTH during the outage; its oldest messages were dropped");
+                    self.broker.topology.missed(&self.exchange);
+                }
+                Ok(ops)
+            }
             Err(err) if is_not_found(&err) => {
                 tracing::warn!(queue = %self.queue, exchange = %self.exchange, "broker queue was lost; re-creating it, messages published meanwhile are missed");
                 self.queue_may_exist = false;
                 self.bound.clear();
                 self.stale.clear();
                 self.consumer_end.recent().clear();
-                self.broker.topology.notice(
-                    &self.exchange,
-                    crate::message::missed_comment(&self.exchange),
-                );
+                self.broker.topology.missed(&self.exchange);
                 self.ops = None;
                 self.ops_channel(live).await
             }
@@ -130,13 +193,19 @@ impl Reconciler {
         }
     }
 
-    /// A failed declare: final refusals fail every binding of the exchange (`Ok(false)`),
-    /// anything else is retried.
-    fn refused(&mut self, err: TimedError) -> Result<bool, Retry> {
-        let Some(refused) = refusal(&err, &self.exchange) else {
-            return Err(Retry::from(err));
-        };
+    /// A failed passive declare of the exchange: final refusals fail every binding of the
+    /// exchange (`Ok(false)`), anything else is retried.
+    fn exchange_failed(&mut self, err: TimedError) -> Result<bool, Retry> {
         self.ops = None;
+        match exchange_refusal(&err, &self.exchange) {
+            Some(refused) => Ok(self.fail_exchange(refused)),
+            None => Err(Retry::from(err)),
+        }
+    }
+
+    /// Fails every binding of the exchange, and ends the streams bound on it. Returns
+    /// `false` (nothing is declared).
+    fn fail_exchange(&mut self, refused: BindError) -> bool {
         // Any client can cause this (an exchange that does not exist): rate-limited.
         static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
         if let Some(suppressed) = LIMITER.allow() {
@@ -150,7 +219,7 @@ impl Reconciler {
         self.broker
             .topology
             .set_all(&self.exchange, BindState::Failed(refused));
-        Ok(false)
+        false
     }
 
     /// Opens a channel of the consumer's own, with `prefetch`, and starts its task.

@@ -29,7 +29,7 @@ use lapin::types::FieldTable;
 use tokio::sync::Notify;
 
 use super::consumer::{ACK_BATCH, ConsumerEnd, Recent};
-use super::errors::{refusal, timed};
+use super::errors::{bind_refusal, timed};
 use super::{AmqpBroker, Live};
 use crate::topology::BindState;
 
@@ -50,6 +50,9 @@ pub(super) struct Reconciler {
     pub(super) broker: Arc<AmqpBroker>,
     pub(super) exchange: String,
     pub(super) queue: String,
+    /// New queue names taken because the broker could not declare the queue under its
+    /// name (see `queue.rs`).
+    pub(super) renames: u32,
     pub(super) notify: Arc<Notify>,
     /// Connection generation our channels belong to (0: none).
     pub(super) generation: u64,
@@ -73,12 +76,13 @@ pub(super) struct Reconciler {
 
 impl Reconciler {
     pub(super) fn new(broker: Arc<AmqpBroker>, exchange: String, notify: Arc<Notify>) -> Self {
-        let queue = broker.queue_name(&exchange);
+        let queue = broker.queue_name(&exchange, 0);
         let recent = Recent::new((usize::from(broker.settings.prefetch) + ACK_BATCH as usize) * 2);
         Self {
             broker,
             exchange,
             queue,
+            renames: 0,
             generation: 0,
             ops: None,
             consumer: None,
@@ -168,12 +172,11 @@ impl Reconciler {
         if wanted.is_empty() {
             return self.remove_queue(live).await;
         }
-        let ops = self.ops_channel(live).await?;
-        if !self.declared && !self.declare(&ops, live).await? {
+        if !self.declared && !self.declare(live).await? {
             return Ok(());
         }
         self.confirm_still_bound(&wanted);
-        let bound = self.bind_missing(&ops, &wanted).await;
+        let bound = self.bind_missing(live, &wanted).await;
         let unbound = self.unbind_unwanted(live, &wanted).await;
         bound.and(unbound)
     }
@@ -212,45 +215,57 @@ impl Reconciler {
     ///
     /// The broker closes the channel on a refusal, and lapin fails every reply pending on
     /// it with the same error: only the first refusal of a batch is known to be about its
-    /// own pattern; the others are retried on a new channel.
-    async fn bind_missing(&mut self, ops: &Channel, wanted: &HashSet<String>) -> Result<(), Retry> {
-        let to_bind: Vec<String> = wanted.difference(&self.bound).cloned().collect();
-        let binds = to_bind.iter().map(|pattern| {
-            timed(ops.queue_bind(
-                self.queue.as_str().into(),
-                self.exchange.as_str().into(),
-                pattern.as_str().into(),
-                Default::default(),
-                FieldTable::default(),
-            ))
-        });
-        let results = join_all(binds).await;
-        let mut outcome = Ok(());
-        let mut refused_one = false;
-        for (pattern, result) in to_bind.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    self.stale.remove(&pattern);
-                    self.broker
-                        .topology
-                        .set_state(&self.exchange, &pattern, BindState::Bound);
-                    self.bound.insert(pattern);
-                }
-                Err(err) => match refusal(&err, &self.exchange).filter(|_| !refused_one) {
-                    Some(refused) => {
-                        refused_one = true;
-                        self.ops = None;
-                        self.broker.topology.set_state(
-                            &self.exchange,
-                            &pattern,
-                            BindState::Failed(refused),
-                        );
+    /// own pattern (it is final for the subscriptions that asked for it); the patterns
+    /// after it are bound again at once on a new channel. Each round decides at least
+    /// one pattern, so the rounds are bounded by the patterns; a refusal never touches
+    /// the queue, the consumer or the other bindings.
+    async fn bind_missing(&mut self, live: &Live, wanted: &HashSet<String>) -> Result<(), Retry> {
+        let mut to_bind: Vec<String> = wanted.difference(&self.bound).cloned().collect();
+        while !to_bind.is_empty() {
+            let ops = self.ops_channel(live).await?;
+            let binds = to_bind.iter().map(|pattern| {
+                timed(ops.queue_bind(
+                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    pattern.as_str().into(),
+                    Default::default(),
+                    FieldTable::default(),
+                ))
+            });
+            let results = join_all(binds).await;
+            let mut again = Vec::new();
+            let mut refused_one = false;
+            for (pattern, result) in to_bind.into_iter().zip(results) {
+                let err = match result {
+                    Ok(()) => {
+                        self.stale.remove(&pattern);
+                        self.broker
+                            .topology
+                            .set_state(&self.exchange, &pattern, BindState::Bound);
+                        self.bound.insert(pattern);
+                        continue;
                     }
-                    None => outcome = Err(Retry::from(err)),
-                },
+                    Err(err) if refused_one => {
+                        // Failed with the channel the refusal before it closed.
+                        let _ = err;
+                        again.push(pattern);
+                        continue;
+                    }
+                    Err(err) => err,
+                };
+                let Some(refused) = bind_refusal(&err, &self.exchange, &pattern) else {
+                    return Err(Retry::from(err));
+                };
+                refused_one = true;
+                self.ops = None;
+                log_bind_refusal(&self.exchange, &refused);
+                self.broker
+                    .topology
+                    .fail_binding(&self.exchange, &pattern, refused);
             }
+            to_bind = again;
         }
-        outcome
+        Ok(())
     }
 
     /// Unbinds every pattern bound now or on an earlier connection that is not wanted.
@@ -339,6 +354,14 @@ impl Reconciler {
         self.broker
             .topology
             .set_all(&self.exchange, BindState::Pending);
+    }
+}
+
+/// Logs a binding the broker refused (any client can cause this: rate-limited).
+fn log_bind_refusal(exchange: &str, refused: &crate::topology::BindError) {
+    static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
+    if let Some(suppressed) = LIMITER.allow() {
+        tracing::info!(exchange, error = %refused, suppressed, "binding refused");
     }
 }
 

@@ -20,10 +20,37 @@ use tokio::net::TcpStream;
 mod stream_rule;
 pub use stream_rule::{Dechunk, StreamRule};
 
-/// Where the tests find RabbitMQ (override with TEST_AMQP_URL).
+/// Where the tests find RabbitMQ (override with TEST_AMQP_URL; scripts/test.sh points it
+/// at the RabbitMQ 4.3 of scripts/rabbitmq-4.3.sh for the second run).
 pub fn amqp_url() -> String {
     std::env::var("TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The broker's address (host and port of [`amqp_url`]), for proxies in front of it.
+pub fn amqp_addr() -> std::net::SocketAddr {
+    let uri: lapin::uri::AMQPUri = amqp_url().parse().expect("TEST_AMQP_URL is an AMQP URL");
+    let host = match uri.authority.host.as_str() {
+        "localhost" => "127.0.0.1",
+        host => host,
+    };
+    format!("{host}:{}", uri.authority.port)
+        .parse()
+        .expect("TEST_AMQP_URL names an IP address")
+}
+
+/// The broker's own CLI (override with TEST_RABBITMQCTL, e.g. scripts/rabbitmqctl-4.3).
+pub fn rabbitmqctl_program() -> String {
+    std::env::var("TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".to_owned())
+}
+
+/// How to start the broker the tests expect, for failure messages.
+fn how_to_start() -> &'static str {
+    if std::env::var_os("TEST_AMQP_URL").is_some() {
+        "start the broker TEST_AMQP_URL names (for RabbitMQ 4.3: `scripts/rabbitmq-4.3.sh start`)"
+    } else {
+        "start one with `rabbitmq-server -detached && rabbitmqctl await_startup` (or set TEST_AMQP_URL)"
+    }
 }
 
 /// A short random tag that keeps one test's broker objects apart from another's.
@@ -283,7 +310,14 @@ impl SseClient {
 
     /// The next event that is not a `ping` (within 5 s).
     pub async fn next_skipping_pings(&mut self) -> Option<Event> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        self.next_skipping_pings_within(Duration::from_secs(5))
+            .await
+    }
+
+    /// The next event that is not a `ping`, or `None` if the stream ended; panics after
+    /// `within`.
+    pub async fn next_skipping_pings_within(&mut self, within: Duration) -> Option<Event> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let event = self.next_within(left).await?;
@@ -291,6 +325,30 @@ impl SseClient {
                 return Some(event);
             }
         }
+    }
+
+    /// Reads `message` events (skipping others) until `count` have arrived within
+    /// `within`; returns how many times each payload `n` was seen.
+    pub async fn collect_numbered(
+        &mut self,
+        count: usize,
+        within: Duration,
+    ) -> std::collections::BTreeMap<u64, usize> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = std::collections::BTreeMap::new();
+        let mut total = 0;
+        while total < count {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let event = self.next_within(left).await.expect("stream stays open");
+            if event.event == "message" {
+                let n = message_json(&event.data)["payload"]["n"]
+                    .as_u64()
+                    .expect("n");
+                *seen.entry(n).or_insert(0) += 1;
+                total += 1;
+            }
+        }
+        seen
     }
 
     /// Asserts that the next event other than a `ping` is the `message` whose payload is
@@ -484,13 +542,14 @@ impl Broker {
         {
             Ok(Ok(c)) => c,
             Ok(Err(err)) => panic!(
-                "RabbitMQ is not reachable at 127.0.0.1:5672 ({err}). These tests need a real broker: \
-                 start one with `rabbitmq-server -detached && rabbitmqctl await_startup` \
-                 (or set TEST_AMQP_URL)."
+                "RabbitMQ is not reachable at {} ({err}). These tests need a real broker: {}.",
+                amqp_addr(),
+                how_to_start()
             ),
             Err(_) => panic!(
-                "RabbitMQ did not answer within 10 s. Start it with \
-                 `rabbitmq-server -detached && rabbitmqctl await_startup` (or set TEST_AMQP_URL)."
+                "RabbitMQ at {} did not answer within 10 s: {}.",
+                amqp_addr(),
+                how_to_start()
             ),
         };
         let channel = connection.create_channel().await.expect("channel");
@@ -582,8 +641,8 @@ pub struct BrokerObjects {
 }
 
 pub async fn broker_objects(queue_prefix: &str) -> BrokerObjects {
-    let queues = rabbitmqctl(&["list_queues", "name", "consumers"]).await;
-    let bindings = rabbitmqctl(&[
+    let queues = rabbitmqctl_json(&["list_queues", "name", "consumers"]).await;
+    let bindings = rabbitmqctl_json(&[
         "list_bindings",
         "source_name",
         "destination_name",
@@ -614,7 +673,8 @@ pub async fn broker_objects(queue_prefix: &str) -> BrokerObjects {
     out
 }
 
-async fn rabbitmqctl(args: &[&str]) -> Vec<serde_json::Value> {
+/// Runs rabbitmqctl with `--formatter json`; returns the rows it prints.
+pub async fn rabbitmqctl_json(args: &[&str]) -> Vec<serde_json::Value> {
     let mut all = args.to_vec();
     all.extend(["-q", "--formatter", "json"]);
     serde_json::from_str(&rabbitmqctl_output(&all).await).expect("rabbitmqctl prints JSON")
@@ -622,11 +682,11 @@ async fn rabbitmqctl(args: &[&str]) -> Vec<serde_json::Value> {
 
 /// Runs rabbitmqctl (it comes with rabbitmq-server), asserts success, returns stdout.
 pub async fn rabbitmqctl_output(args: &[&str]) -> String {
-    let out = tokio::process::Command::new("rabbitmqctl")
+    let out = tokio::process::Command::new(rabbitmqctl_program())
         .args(args)
         .output()
         .await
-        .expect("rabbitmqctl runs (it comes with rabbitmq-server)");
+        .expect("rabbitmqctl runs (it comes with rabbitmq-server; TEST_RABBITMQCTL overrides)");
     assert!(
         out.status.success(),
         "rabbitmqctl {args:?} failed: {}",
@@ -829,7 +889,8 @@ impl Drop for ChildGateway {
     }
 }
 
-/// Local ports of the TCP sockets process `pid` holds to port 5672 (its AMQP links).
+/// Local ports of the TCP sockets process `pid` holds to the broker's port (its AMQP
+/// links).
 fn amqp_local_ports(pid: u32) -> Vec<u16> {
     let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|dir| {
@@ -855,7 +916,8 @@ fn amqp_local_ports(pid: u32) -> Vec<u16> {
             let inode = fields.get(9)?;
             let remote_port = u16::from_str_radix(remote.rsplit_once(':')?.1, 16).ok()?;
             let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-            (remote_port == 5672 && inodes.iter().any(|i| i == inode)).then_some(local_port)
+            (remote_port == amqp_addr().port() && inodes.iter().any(|i| i == inode))
+                .then_some(local_port)
         })
         .collect()
 }

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# A RabbitMQ 4.3 beside the host's broker, from Debian's packages only: Debian forky's
+# rabbitmq-server (4.3.x) in a root made with debootstrap (itself unpacked from Debian's
+# package with `apt-get download` + `dpkg-deb -x`, not installed), run under chroot in a
+# private mount namespace, on its own node name and loopback ports, with upstream 4.3's
+# defaults for deprecated features (Debian's package permits transient non-exclusive
+# queues again; upstream does not):
+#
+#   scripts/rabbitmq-4.3.sh start     build the root if absent, start the node, wait for it
+#   scripts/rabbitmq-4.3.sh stop      stop the node
+#   scripts/rabbitmq-4.3.sh status    exit 0 if the node answers
+#   scripts/rabbitmq-4.3.sh url       the AMQP URL of the node (guest/guest on loopback)
+#   scripts/rabbitmq-4.3.sh ctl ARGS  its own rabbitmqctl (scripts/rabbitmqctl-4.3 too)
+#
+# Ports (all on 127.0.0.1): AMQP 5673, Erlang distribution 25673, epmd 4370; the host's
+# broker keeps 5672, 25672 and 4369. Node name rabbit43@localhost. Needs root (chroot,
+# mount namespaces). The root (about 350 MB) is kept in RABBITMQ43_ROOT
+# (default /var/cache/events-gateway/rabbitmq-4.3-root) and reused; building it takes a
+# few minutes and needs Debian's package mirror (the one apt is configured with).
+set -euo pipefail
+
+ROOT=${RABBITMQ43_ROOT:-/var/cache/events-gateway/rabbitmq-4.3-root}
+MIRROR=${RABBITMQ43_MIRROR:-}
+AMQP_PORT=5673
+DIST_PORT=25673
+EPMD_PORT=4370
+NODE=rabbit43@localhost
+LOG=${ROOT%/*}/rabbitmq-4.3.log
+
+die() {
+  echo "rabbitmq-4.3: $*" >&2
+  exit 1
+}
+
+# The mirror apt uses on this machine (deb822 or one-line sources).
+mirror() {
+  if [ -n "$MIRROR" ]; then
+    echo "$MIRROR"
+    return
+  fi
+  local uri
+  uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v security | head -n 1 || true)
+  if [ -z "$uri" ]; then
+    uri=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' | head -n 1 || true)
+  fi
+  echo "${uri:-http://deb.debian.org/debian}"
+}
+
+build_root() {
+  [ -x "$ROOT/usr/sbin/rabbitmq-server" ] && return
+  [ "$(id -u)" = 0 ] || die "building the root needs root (debootstrap, chroot)"
+  local work
+  work=$(mktemp -d)
+  echo "rabbitmq-4.3: building $ROOT from $(mirror) (Debian forky; a few minutes)" >&2
+  (cd "$work" && apt-get download -q debootstrap >/dev/null)
+  dpkg-deb -x "$work"/debootstrap_*.deb "$work/x"
+  rm -rf "$ROOT.partial"
+  mkdir -p "$ROOT.partial"
+  # forky is Debian testing: debootstrap's script for it is sid's. Its Release file is
+  # signed with keys the host's archive keyring has (bookworm's knows trixie's key).
+  DEBOOTSTRAP_DIR="$work/x/usr/share/debootstrap" "$work/x/usr/sbin/debootstrap" \
+    --variant=minbase --include=rabbitmq-server \
+    --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
+    forky "$ROOT.partial" "$(mirror)" "$work/x/usr/share/debootstrap/scripts/sid" \
+    >"$work/debootstrap.log" 2>&1 || {
+    tail -n 30 "$work/debootstrap.log" >&2
+    die "debootstrap failed (log above)"
+  }
+  printf '127.0.0.1 localhost\n::1 localhost\n' >"$ROOT.partial/etc/hosts"
+  rm -rf "$work"
+  mv "$ROOT.partial" "$ROOT"
+}
+
+configure() {
+  mkdir -p "$ROOT/etc/rabbitmq"
+  cat >"$ROOT/etc/rabbitmq/rabbitmq.conf" <<EOF
+listeners.tcp.default = 127.0.0.1:$AMQP_PORT
+# Upstream RabbitMQ 4.3's defaults (Debian's package patches the first back to true).
+deprecated_features.permit.transient_nonexcl_queues = false
+deprecated_features.permit.global_qos = false
+EOF
+  cat >"$ROOT/etc/rabbitmq/rabbitmq-env.conf" <<EOF
+NODENAME=$NODE
+DIST_PORT=$DIST_PORT
+SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+EOF
+}
+
+# Runs a command inside the root, in a private mount namespace with /proc and /dev.
+in_root() {
+  unshare --mount --propagation private /bin/sh -c '
+    root=$1; shift
+    mount -t proc proc "$root/proc"
+    mount --rbind /dev "$root/dev"
+    mount -t tmpfs tmpfs "$root/tmp"
+    exec chroot "$root" /usr/bin/env -i \
+      PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+      ERL_EPMD_PORT='"$EPMD_PORT"' ERL_EPMD_ADDRESS=127.0.0.1 "$@"
+  ' in_root "$ROOT" "$@"
+}
+
+ctl() {
+  in_root /usr/sbin/rabbitmqctl -n "$NODE" "$@"
+}
+
+status() {
+  [ -x "$ROOT/usr/sbin/rabbitmqctl" ] && ctl -q status >/dev/null 2>&1
+}
+
+start() {
+  build_root
+  configure
+  if status; then
+    return
+  fi
+  mkdir -p "${LOG%/*}"
+  echo "rabbitmq-4.3: starting $NODE on 127.0.0.1:$AMQP_PORT (log: $LOG)" >&2
+  setsid bash -c "$(declare -f in_root); ROOT='$ROOT'; EPMD_PORT='$EPMD_PORT'; in_root /usr/sbin/rabbitmq-server" \
+    >"$LOG" 2>&1 </dev/null &
+  for _ in $(seq 1 120); do
+    if ctl -q await_startup >/dev/null 2>&1; then
+      ctl -q await_startup
+      return
+    fi
+    sleep 1
+  done
+  tail -n 40 "$LOG" >&2
+  die "the node did not start within 2 minutes (log above)"
+}
+
+stop() {
+  status || return 0
+  ctl -q stop >/dev/null 2>&1 || true
+  # Its epmd too (the host's, on 4369, is not touched).
+  pkill -f "epmd.*-port $EPMD_PORT" 2>/dev/null || true
+  in_root /usr/bin/epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  url) echo "amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f" ;;
+  ctl)
+    shift
+    ctl "$@"
+    ;;
+  *) die "usage: $0 start|stop|status|url|ctl ARGS" ;;
+esac
