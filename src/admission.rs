@@ -7,6 +7,10 @@
 //! Invariants:
 //! - a [`Slot`] is held for exactly as long as its connection streams (or waits for
 //!   `ready`); the `connections_open` gauge and each address's count follow the slots;
+//! - what a connection holds of its address's share (its bindings and exchanges) is a
+//!   [`Share`], charged for as long as the subscription is held: it can leave the slot
+//!   ([`Slot::take_share`]) to be held with the subscription, which keeps it while it
+//!   lingers for a resumable reconnect after its last client left;
 //! - an address's state exists only while it has a connection open or a bucket not yet
 //!   refilled (the rate must hold across connections: each connection makes one
 //!   subscription, so an address that connects, subscribes and leaves in a loop would
@@ -14,8 +18,13 @@
 //!   in the last `burst / rate` seconds, never the addresses ever seen;
 //! - a client's address is the TCP peer's, unless the peer is a trusted proxy
 //!   (`TRUSTED_PROXIES`): then it is the last address in `X-Forwarded-For` that is not a
-//!   trusted proxy itself (what a chain of trusted proxies appended). An IPv6 client
-//!   counts by its /64, which one host usually holds whole.
+//!   trusted proxy itself (what a chain of trusted proxies appended). The walk from the
+//!   right ends at an entry that is not an address (`unknown`, garbage): the request then
+//!   counts as the nearest address that was one, so an entry a client wrote itself is
+//!   never believed past one that no trusted proxy could have written. Entries may carry
+//!   a port (`ip:port`, `[v6]:port`); an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, how
+//!   a dual-stack listener sees an IPv4 peer) is its IPv4 address. An IPv6 client counts
+//!   by its /64, which one host usually holds whole.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -147,10 +156,13 @@ impl AddressState {
         self.refilled_at = now;
     }
 
-    /// Nothing to remember: no connection and a full bucket.
+    /// Nothing to remember: no connection, no share charged, and a full bucket.
     fn idle(&mut self, now: Instant, limits: &AdmissionLimits) -> bool {
         self.refill(now, limits);
-        self.connections == 0 && self.tokens >= limits.subscription_burst
+        self.connections == 0
+            && self.bindings == 0
+            && self.exchanges.is_empty()
+            && self.tokens >= limits.subscription_burst
     }
 }
 
@@ -181,25 +193,32 @@ impl Admission {
 
     /// The address a request comes from: the peer's, or what trusted proxies say.
     pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        let peer = canonical(peer);
         let trusted = |ip: &IpAddr| self.limits.trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(&peer) {
             return peer;
         }
-        // Proxies append: walk from the right past the trusted ones.
-        let forwarded: Vec<IpAddr> = headers
+        // Proxies append: walk from the right past the trusted ones, and stop at the first
+        // entry that is not an address (a value that is not text is one such entry).
+        let entries: Vec<Option<IpAddr>> = headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|a| a.trim().parse().ok())
+            .flat_map(|v| match v.to_str() {
+                Ok(text) => text.split(',').map(forwarded_address).collect(),
+                Err(_) => vec![None],
+            })
             .collect();
-        forwarded
-            .iter()
-            .rev()
-            .find(|a| !trusted(a))
-            .or(forwarded.first())
-            .copied()
-            .unwrap_or(peer)
+        let mut nearest = peer;
+        for entry in entries.iter().rev() {
+            let Some(addr) = *entry else {
+                break;
+            };
+            nearest = addr;
+            if !trusted(&addr) {
+                break;
+            }
+        }
+        nearest
     }
 
     /// Takes a connection slot for `client`, or says which limit is reached.
@@ -246,8 +265,12 @@ impl Admission {
         Ok(Slot {
             admission: self.clone(),
             key,
-            bindings: 0,
-            exchanges: Vec::new(),
+            share: Some(Share {
+                admission: self.clone(),
+                key,
+                bindings: 0,
+                exchanges: Vec::new(),
+            }),
         })
     }
 
@@ -276,16 +299,25 @@ impl Admission {
         self.addresses.len()
     }
 
-    fn release(&self, slot: &mut Slot) {
+    /// A connection closes: the address's state goes with its last connection if nothing
+    /// else is charged to it and its bucket is full; otherwise it stays until a sweep
+    /// finds it idle.
+    fn release_connection(&self, key: ClientKey) {
         self.open.fetch_sub(1, Ordering::AcqRel);
         self.metrics.connections_open.dec();
-        // The state goes with the last connection if its bucket is full; otherwise it
-        // stays until a sweep finds it refilled.
         let now = Instant::now();
-        self.addresses.remove_if_mut(&slot.key, |_, state| {
+        self.addresses.remove_if_mut(&key, |_, state| {
             state.connections = state.connections.saturating_sub(1);
-            state.bindings = state.bindings.saturating_sub(slot.bindings);
-            for exchange in slot.exchanges.drain(..) {
+            state.idle(now, &self.limits)
+        });
+    }
+
+    /// A share is no longer held.
+    fn release_share(&self, share: &mut Share) {
+        let now = Instant::now();
+        self.addresses.remove_if_mut(&share.key, |_, state| {
+            state.bindings = state.bindings.saturating_sub(share.bindings);
+            for exchange in share.exchanges.drain(..) {
                 if let Some(n) = state.exchanges.get_mut(&exchange) {
                     *n -= 1;
                     if *n == 0 {
@@ -298,9 +330,43 @@ impl Admission {
     }
 }
 
-/// One open SSE connection, and what it holds of its address's share; dropping it frees
-/// both.
+/// An address as admission sees it: an IPv4-mapped IPv6 address is its IPv4 address.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// One `X-Forwarded-For` entry as an address: `ip`, `ip:port`, `[v6]` or `[v6]:port`;
+/// `None` for anything else (`unknown`, an obfuscated identifier, garbage).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let addr = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')
+                .and_then(|e| e.strip_suffix(']'))
+                .and_then(|e| e.parse::<Ipv6Addr>().ok())
+                .map(IpAddr::V6)
+        })?;
+    Some(canonical(addr))
+}
+
+/// One open SSE connection, and (until it is taken) what it holds of its address's
+/// share; dropping it frees both.
 pub struct Slot {
+    admission: Arc<Admission>,
+    key: ClientKey,
+    share: Option<Share>,
+}
+
+/// What one connection holds of its address's share: its bindings and exchanges.
+/// Dropping it gives them back.
+pub struct Share {
     admission: Arc<Admission>,
     key: ClientKey,
     bindings: usize,
@@ -315,6 +381,21 @@ impl Slot {
 
     /// Counts `set` against the address's share, or says which share it would pass.
     pub fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
+        match &mut self.share {
+            Some(share) => share.hold(set),
+            None => Ok(()),
+        }
+    }
+
+    /// What the connection holds of its address's share, to be held elsewhere (with its
+    /// subscription) from now on.
+    pub fn take_share(&mut self) -> Option<Share> {
+        self.share.take()
+    }
+}
+
+impl Share {
+    fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
         let limits = &self.admission.limits;
         let Some(mut state) = self.admission.addresses.get_mut(&self.key) else {
             return Ok(());
@@ -347,8 +428,16 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // The share first: the address's state may go with the connection.
+        drop(self.share.take());
+        self.admission.release_connection(self.key);
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
         let admission = self.admission.clone();
-        admission.release(self);
+        admission.release_share(self);
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Config {
     pub admission: AdmissionLimits,
     pub caps: Caps,
     pub header_read_timeout: Duration,
+    /// Limits before admission (see `server::gate`).
+    pub pending: PendingLimits,
     pub limits: Limits,
     /// How streams are written (ping, ready timeout, coalescing, stall timeout, buffers).
     pub stream: StreamSettings,
@@ -62,6 +64,15 @@ impl std::fmt::Debug for Config {
             .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
+}
+
+/// Limits on connections before admission (MAX_PENDING_CONNECTIONS,
+/// MAX_PENDING_PER_ADDRESS, FD_RESERVE).
+#[derive(Clone, Copy, Debug)]
+pub struct PendingLimits {
+    pub max: usize,
+    pub per_address: usize,
+    pub fd_reserve: usize,
 }
 
 /// Which broker to use.
@@ -181,8 +192,14 @@ impl Config {
                 max_subscriptions: args.max_subscriptions,
                 max_bindings: args.max_broker_bindings,
                 max_exchanges: args.max_exchanges,
+                max_lingering: args.max_lingering_subscriptions,
             },
             header_read_timeout: args.header_read_timeout,
+            pending: PendingLimits {
+                max: args.max_pending_connections,
+                per_address: args.max_pending_per_address,
+                fd_reserve: args.fd_reserve,
+            },
             limits: Limits {
                 max_bindings: args.max_bindings,
                 allowed_exchange_prefixes: list(&args.allowed_exchange_prefixes),
@@ -201,6 +218,7 @@ impl Config {
                 },
                 resume_grace: args.resume_grace,
                 shard_clients: crate::subscription::SHARD_CLIENTS,
+                replay_memory: args.replay_memory,
             },
             tcp_keepalive: args.tcp_keepalive,
             cors_origin: args.cors_origin,
@@ -280,12 +298,19 @@ fn check_not_zero(args: &Args) -> Result<(), ConfigError> {
         ("MAX_EXCHANGES_PER_ADDRESS", args.max_exchanges_per_address),
         ("MAX_BROKER_BINDINGS", args.max_broker_bindings),
         ("MAX_EXCHANGES", args.max_exchanges),
+        ("MAX_PENDING_CONNECTIONS", args.max_pending_connections),
+        ("MAX_PENDING_PER_ADDRESS", args.max_pending_per_address),
+        (
+            "MAX_LINGERING_SUBSCRIPTIONS",
+            args.max_lingering_subscriptions,
+        ),
         ("MAX_PATTERN_WORDS", args.max_pattern_words),
         ("SUBSCRIPTION_BUFFER", args.subscription_buffer),
         ("SUBSCRIPTION_BUFFER_BYTES", args.subscription_buffer_bytes),
         ("STALL_TIMEOUT", args.stall_timeout.as_millis() as usize),
         ("TCP_KEEPALIVE", args.tcp_keepalive.as_secs() as usize),
         ("REPLAY_WINDOW", args.replay_window.as_millis() as usize),
+        ("REPLAY_MEMORY", args.replay_memory),
         ("QUEUE_MAX_LENGTH", args.queue_max_length as usize),
         ("QUEUE_MAX_BYTES", args.queue_max_bytes),
         ("PREFETCH", args.prefetch as usize),

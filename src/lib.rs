@@ -128,6 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ("subscriptions", config.caps.max_subscriptions),
         ("broker_bindings", config.caps.max_bindings),
         ("exchanges", config.caps.max_exchanges),
+        ("lingering_subscriptions", config.caps.max_lingering),
     ] {
         metrics.set_limit(kind, value);
     }
@@ -135,9 +136,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .cors_origin
         .parse()
         .context("CORS_ORIGIN is not a valid header value")?;
+    let mut admission_limits = config.admission.clone();
+    let gate_limits = gate_limits(&config, &mut admission_limits);
+    let admission = admission::Admission::new(admission_limits, metrics.clone());
+    let gate = server::Gate::new(
+        gate_limits,
+        admission.clone(),
+        config.admission.trusted_proxies.clone(),
+        metrics.clone(),
+    );
     let streams = Arc::new(connect::Streams {
         registry: registry.clone(),
-        admission: admission::Admission::new(config.admission.clone(), metrics.clone()),
+        admission,
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         settings: config.stream.clone(),
@@ -159,7 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = tokio::spawn(server::serve(
         listener,
         http::routes(state),
-        streams,
+        (streams, gate),
         server::Limits {
             header_read_timeout: config.header_read_timeout,
             grace: config.shutdown_grace,
@@ -181,6 +191,34 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics,
         grace: config.shutdown_grace,
     })
+}
+
+/// Descriptors a process needs besides its client sockets (the broker connection,
+/// epoll, the runtime's own, log files).
+const OTHER_DESCRIPTORS: usize = 32;
+
+/// The limits before admission, from the configuration and the open-file limit; lowers
+/// MAX_CONNECTIONS to fit under the limit less the reserve, if need be.
+fn gate_limits(config: &Config, admission: &mut admission::AdmissionLimits) -> server::GateLimits {
+    let reserve = config.pending.fd_reserve;
+    let sockets = server::open_file_limit()
+        .map(|limit| limit.saturating_sub(reserve + OTHER_DESCRIPTORS))
+        .unwrap_or(usize::MAX);
+    if admission.max_connections > sockets {
+        tracing::warn!(
+            max_connections = admission.max_connections,
+            lowered_to = sockets,
+            fd_reserve = reserve,
+            "MAX_CONNECTIONS does not fit under the open-file limit less FD_RESERVE; lowered"
+        );
+        admission.max_connections = sockets;
+    }
+    server::GateLimits {
+        max_pending: config.pending.max,
+        max_pending_per_address: config.pending.per_address,
+        sockets,
+        reserve,
+    }
 }
 
 impl Running {

@@ -31,6 +31,9 @@ pub const REFUSAL_REASONS: &[&str] = &[
     "bindings",
     "exchanges",
     "pattern",
+    "pending_per_address",
+    "pending_connections",
+    "no_descriptors",
 ];
 
 /// Outcomes counted in `events_gateway_resumes_total`: a resumable client that came back
@@ -49,6 +52,9 @@ pub const LIMITS: &[&str] = &[
     "subscriptions",
     "broker_bindings",
     "exchanges",
+    "lingering_subscriptions",
+    "pending_connections",
+    "sockets",
 ];
 
 /// Kinds counted in `events_gateway_http_connection_errors_total`.
@@ -59,6 +65,7 @@ pub const HTTP_ERRORS: &[&str] = &[
     "client_closed",
     "stalled",
     "unexpected_data",
+    "accept_failed",
     "other",
 ];
 
@@ -81,8 +88,12 @@ impl std::ops::Deref for Metrics {
 pub struct MetricsInner {
     registry: Registry,
     pub connections_open: IntGauge,
+    pub connections_pending: IntGauge,
     pub connections_total: IntCounterVec,
     pub subscriptions: IntGauge,
+    pub subscriptions_lingering: IntGauge,
+    pub replay_bytes: IntGauge,
+    pub replay_limit: IntGauge,
     pub streams_blocked: IntGauge,
     pub exchanges: IntGauge,
     pub refused: IntCounterVec,
@@ -113,6 +124,11 @@ impl Metrics {
                 "SSE client connections currently open",
             )
             .expect("valid metric"),
+            connections_pending: IntGauge::new(
+                "events_gateway_connections_pending",
+                "Connections not admitted yet: their request head is read or answered, or they are kept alive between requests (at most MAX_PENDING_CONNECTIONS)",
+            )
+            .expect("valid metric"),
             connections_total: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_connections_total",
@@ -129,7 +145,7 @@ impl Metrics {
             refused: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_refused_total",
-                    "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), address_bindings (MAX_BINDINGS_PER_ADDRESS), address_exchanges (MAX_EXCHANGES_PER_ADDRESS), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS); all but the first get an error event",
+                    "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), address_bindings (MAX_BINDINGS_PER_ADDRESS), address_exchanges (MAX_EXCHANGES_PER_ADDRESS), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS), pending_per_address (MAX_PENDING_PER_ADDRESS), pending_connections (MAX_PENDING_CONNECTIONS), no_descriptors (the open-file limit, FD_RESERVE included, is reached); the address_connections and the last three get no event (a 503, or a closed connection), the others an error event",
                 ),
                 &["reason"],
             )
@@ -145,7 +161,7 @@ impl Metrics {
             limit: IntGaugeVec::new(
                 Opts::new(
                     "events_gateway_limit",
-                    "Configured limits, to compare with their gauges: connections_per_address, subscriptions (events_gateway_subscriptions), broker_bindings (events_gateway_broker_bindings), exchanges (events_gateway_exchanges)",
+                    "Configured limits, to compare with their gauges: connections_per_address, subscriptions (events_gateway_subscriptions), broker_bindings (events_gateway_broker_bindings), exchanges (events_gateway_exchanges), lingering_subscriptions (events_gateway_subscriptions_lingering), pending_connections (events_gateway_connections_pending), sockets (the open-file limit less FD_RESERVE; events_gateway_connections_open plus pending)",
                 ),
                 &["kind"],
             )
@@ -158,6 +174,21 @@ impl Metrics {
             subscriptions: IntGauge::new(
                 "events_gateway_subscriptions",
                 "Distinct binding sets currently subscribed (each one shared log of frames)",
+            )
+            .expect("valid metric"),
+            replay_bytes: IntGauge::new(
+                "events_gateway_replay_bytes",
+                "Bytes of frames in the logs of resumable subscriptions (their replay windows, and what their clients have still to write); the oldest replay frames go beyond REPLAY_MEMORY",
+            )
+            .expect("valid metric"),
+            replay_limit: IntGauge::new(
+                "events_gateway_replay_limit_bytes",
+                "Configured REPLAY_MEMORY",
+            )
+            .expect("valid metric"),
+            subscriptions_lingering: IntGauge::new(
+                "events_gateway_subscriptions_lingering",
+                "Resumable subscriptions with no client, kept for RESUME_GRACE for a reconnect (included in events_gateway_subscriptions; at most MAX_LINGERING_SUBSCRIPTIONS)",
             )
             .expect("valid metric"),
             broker_connected: IntGauge::new(
@@ -224,7 +255,7 @@ impl Metrics {
             http_errors: IntCounterVec::new(
                 Opts::new(
                     "events_gateway_http_connection_errors_total",
-                    "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), stalled (a stream whose socket took no byte for STALL_TIMEOUT), unexpected_data (a stream's client sent more than 4 KiB), other",
+                    "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), stalled (a stream whose socket took no byte for STALL_TIMEOUT), unexpected_data (a stream's client sent more than 4 KiB), accept_failed (accept() failed, usually out of descriptors: the loop backs off), other",
                 ),
                 &["kind"],
             )
@@ -255,8 +286,12 @@ impl Metrics {
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.connections_open.clone()),
+            Box::new(m.connections_pending.clone()),
             Box::new(m.connections_total.clone()),
             Box::new(m.subscriptions.clone()),
+            Box::new(m.subscriptions_lingering.clone()),
+            Box::new(m.replay_bytes.clone()),
+            Box::new(m.replay_limit.clone()),
             Box::new(m.streams_blocked.clone()),
             Box::new(m.exchanges.clone()),
             Box::new(m.refused.clone()),

@@ -26,7 +26,7 @@ use crate::binding::BindingSet;
 use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::subscription::{Conn, Fanout, Gap, Subscription};
+use crate::subscription::{Conn, Fanout, Gap, Lease, Subscription};
 use crate::topology::{BindError, BindState, Caps, Refusal, Topology};
 
 /// Every live subscription, keyed by its canonical binding set.
@@ -42,6 +42,36 @@ pub struct Registry {
     metrics: Metrics,
     /// Resumable subscriptions that outlive their last client, by deadline.
     lingering: Arc<Lingering>,
+    /// Subscriptions in the map with no client (lingering); changed under the map's lock
+    /// of each one's key.
+    lingering_count: AtomicUsize,
+}
+
+/// Lingering subscriptions one subscribe may evict to make room (each frees at least
+/// one subscription, and its bindings and exchanges if nobody else uses them).
+const MAX_EVICTIONS_PER_SUBSCRIBE: usize = 16;
+
+/// The client's rate token, asked for at most once however many times a subscribe is
+/// tried.
+struct Token<F> {
+    ask: Option<F>,
+    granted: bool,
+}
+
+impl<F: FnOnce() -> bool> Token<F> {
+    fn new(ask: F) -> Self {
+        Self {
+            ask: Some(ask),
+            granted: false,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        if let Some(ask) = self.ask.take() {
+            self.granted = ask();
+        }
+        self.granted
+    }
 }
 
 impl Registry {
@@ -61,45 +91,33 @@ impl Registry {
             count: AtomicUsize::new(0),
             metrics,
             lingering: Arc::default(),
+            lingering_count: AtomicUsize::new(0),
         }
     }
 
     /// Joins (or creates) the subscription for `set`. Every frame sent from now on is
     /// kept for the client; [`Client::ready`] tells when the broker has confirmed every
-    /// binding. Creating a subscription (not joining one) takes a token from the client
-    /// (`may_create`, its address's rate) and must fit the global caps.
+    /// binding. Creating a subscription, or joining one that lingers with no client,
+    /// takes a token from the client (`may_create`, its address's rate); creating one
+    /// must fit the global caps, and the oldest lingering subscriptions go to make room.
     pub fn subscribe(
         self: &Arc<Self>,
         set: BindingSet,
         may_create: impl FnOnce() -> bool,
     ) -> Result<Client, Refusal> {
         let key = Arc::new(set);
-        let (sub, changed) = match self.subscriptions.entry(key.clone()) {
-            Entry::Occupied(e) => {
-                let sub = e.get().clone();
-                sub.clients.fetch_add(1, Ordering::Relaxed);
-                drop(e);
-                // A refused binding is asked for again by this new client.
-                let changed = self.topology.retry_refused(&sub);
-                (sub, changed)
-            }
-            Entry::Vacant(v) => {
-                if !may_create() {
-                    return Err(Refusal::AddressRate);
+        let mut token = Token::new(may_create);
+        let mut evicted = 0;
+        let (sub, changed) = loop {
+            match self.join_or_create(&key, &mut token) {
+                Ok(joined) => break joined,
+                // A live client needs the room a lingering subscription holds.
+                Err(Refusal::Subscriptions(_) | Refusal::Bindings(_) | Refusal::Exchanges(_))
+                    if evicted < MAX_EVICTIONS_PER_SUBSCRIBE && self.evict_oldest_lingering() =>
+                {
+                    evicted += 1;
                 }
-                let count = self.count.load(Ordering::Acquire);
-                if count >= self.caps.max_subscriptions {
-                    return Err(Refusal::Subscriptions(self.caps.max_subscriptions));
-                }
-                let sub = Arc::new(Subscription::new(key, self.fanout.clone()));
-                // Routed before the shard lock is released: a second client finding this
-                // subscription also finds its bindings in the topology.
-                let changed = self.topology.add(&sub, &self.caps)?;
-                v.insert(sub.clone());
-                self.count.fetch_add(1, Ordering::AcqRel);
-                self.metrics.subscriptions.inc();
-                tracing::debug!(bindings = %Abridged(sub.bindings()), "subscription created");
-                (sub, changed)
+                Err(refusal) => return Err(refusal),
             }
         };
         for exchange in changed {
@@ -111,21 +129,115 @@ impl Registry {
             member: Some(Member {
                 registry: self.clone(),
                 subscription: sub,
+                charge: None,
             }),
             pinned_at,
             statuses,
         })
     }
 
-    /// A client leaves. The last one removes the subscription, unless it is resumable:
-    /// then it lingers for the grace period (a reconnect finds its history and its broker
-    /// bindings still there), and goes at the end of it if no client came back (see
-    /// `linger`).
-    fn release(self: &Arc<Self>, sub: &Arc<Subscription>) {
+    /// Joins the subscription for `key`, or creates it; returns it and the exchanges whose
+    /// bindings changed. The map's lock for `key` is held throughout, and released before
+    /// the caller evicts anything.
+    fn join_or_create(
+        &self,
+        key: &Arc<BindingSet>,
+        token: &mut Token<impl FnOnce() -> bool>,
+    ) -> Result<(Arc<Subscription>, Vec<String>), Refusal> {
+        match self.subscriptions.entry(key.clone()) {
+            Entry::Occupied(e) => {
+                let sub = e.get().clone();
+                if sub.clients.load(Ordering::Relaxed) == 0 {
+                    // It lingers: bringing it back costs what creating it would, or one
+                    // address could hold every lingering subscription by re-joining.
+                    if !token.take() {
+                        return Err(Refusal::AddressRate);
+                    }
+                    self.lingering_count.fetch_sub(1, Ordering::Relaxed);
+                    self.metrics.subscriptions_lingering.dec();
+                    // The new client holds it now: the charge of the one that left goes.
+                    drop(lock(&sub.charge).take());
+                }
+                sub.clients.fetch_add(1, Ordering::Relaxed);
+                drop(e);
+                // A refused binding is asked for again by this new client.
+                let changed = self.topology.retry_refused(&sub);
+                Ok((sub, changed))
+            }
+            Entry::Vacant(v) => {
+                if !token.take() {
+                    return Err(Refusal::AddressRate);
+                }
+                let count = self.count.load(Ordering::Acquire);
+                if count >= self.caps.max_subscriptions {
+                    return Err(Refusal::Subscriptions(self.caps.max_subscriptions));
+                }
+                let sub = Arc::new(Subscription::new(key.clone(), self.fanout.clone()));
+                // Routed before the shard lock is released: a second client finding this
+                // subscription also finds its bindings in the topology.
+                let changed = self.topology.add(&sub, &self.caps)?;
+                v.insert(sub.clone());
+                self.count.fetch_add(1, Ordering::AcqRel);
+                self.metrics.subscriptions.inc();
+                tracing::debug!(bindings = %Abridged(sub.bindings()), "subscription created");
+                Ok((sub, changed))
+            }
+        }
+    }
+
+    /// Removes the lingering subscription whose grace period ends first, to make room for
+    /// a live client. Returns whether one went.
+    fn evict_oldest_lingering(self: &Arc<Self>) -> bool {
+        while let Some(sub) = self.lingering.take_oldest() {
+            if self.remove_if_lingering(&sub, |_| true) {
+                tracing::debug!(bindings = %Abridged(sub.bindings()), "lingering subscription evicted for a live client");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Removes `sub` if it is in the map with no client and `expired` says its grace
+    /// period is over (given when its last client left); a subscription a client holds
+    /// leaves the grace-period queue. Returns whether it was removed (and forgotten).
+    fn remove_if_lingering(
+        &self,
+        sub: &Arc<Subscription>,
+        expired: impl FnOnce(Option<Instant>) -> bool,
+    ) -> bool {
+        let removed = self
+            .subscriptions
+            .remove_if(sub.bindings(), |_, s| {
+                if !Arc::ptr_eq(s, sub) {
+                    return false;
+                }
+                if s.clients.load(Ordering::Relaxed) > 0 {
+                    s.queued.store(false, Ordering::Relaxed);
+                    return false;
+                }
+                expired(*lock(&s.left_at))
+            })
+            .is_some();
+        if removed {
+            self.lingering_count.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.subscriptions_lingering.dec();
+            self.forget(sub);
+        }
+        removed
+    }
+
+    /// A client leaves, giving back `charge` (what it held of its address's share). The
+    /// last one removes the subscription, unless it is resumable: then it lingers for the
+    /// grace period (a reconnect finds its history and its broker bindings still there),
+    /// still charged to the address of that last client, and goes at the end of it if no
+    /// client came back (see `linger`), or sooner to make room for live clients.
+    fn release(self: &Arc<Self>, sub: &Arc<Subscription>, charge: Option<Lease>) {
         let grace = self.fanout.settings.resume_grace;
         let can_linger = !grace.is_zero() && tokio::runtime::Handle::try_current().is_ok();
         let now = Instant::now();
         let mut queue = false;
+        let mut lingers = false;
+        let mut charge = charge;
         let removed = self
             .subscriptions
             .remove_if(sub.bindings(), |_, s| {
@@ -135,11 +247,23 @@ impl Registry {
                 if can_linger && s.is_resumable() {
                     *lock(&s.left_at) = Some(now);
                     queue = !s.queued.swap(true, Ordering::Relaxed);
+                    lingers = true;
+                    // Swapped, not dropped here: a charge is given back outside the lock.
+                    std::mem::swap(&mut *lock(&s.charge), &mut charge);
                     return false;
                 }
                 true
             })
             .is_some();
+        // The charge of a client that was not the last, or a lingering one's older charge.
+        drop(charge);
+        if lingers {
+            let lingering = self.lingering_count.fetch_add(1, Ordering::Relaxed) + 1;
+            self.metrics.subscriptions_lingering.inc();
+            if lingering > self.caps.max_lingering {
+                self.evict_oldest_lingering();
+            }
+        }
         if queue {
             self.lingering.push(self, sub.clone(), now + grace);
         }
@@ -155,29 +279,16 @@ impl Registry {
         let grace = self.fanout.settings.resume_grace;
         for sub in self.lingering.take_due(now) {
             let mut requeue = None;
-            let removed = self
-                .subscriptions
-                .remove_if(sub.bindings(), |_, s| {
-                    if !Arc::ptr_eq(s, &sub) {
-                        return false;
-                    }
-                    if s.clients.load(Ordering::Relaxed) > 0 {
-                        s.queued.store(false, Ordering::Relaxed);
-                        return false;
-                    }
-                    let deadline = lock(&s.left_at).map_or(now, |at| at + grace);
-                    if deadline > now {
-                        requeue = Some(deadline);
-                        return false;
-                    }
-                    true
-                })
-                .is_some();
-            if let Some(deadline) = requeue {
+            let removed = self.remove_if_lingering(&sub, |left_at| {
+                let deadline = left_at.map_or(now, |at| at + grace);
+                if deadline > now {
+                    requeue = Some(deadline);
+                    return false;
+                }
+                true
+            });
+            if let (false, Some(deadline)) = (removed, requeue) {
                 self.lingering.push(self, sub.clone(), deadline);
-            }
-            if removed {
-                self.forget(&sub);
             }
         }
     }
@@ -185,6 +296,8 @@ impl Registry {
     /// A subscription removed from the map: out of the topology (the broker drops the
     /// bindings nobody else uses).
     fn forget(&self, sub: &Arc<Subscription>) {
+        // Whatever it was still charged to is given back.
+        drop(lock(&sub.charge).take());
         {
             self.count.fetch_sub(1, Ordering::AcqRel);
             self.metrics.subscriptions.dec();
@@ -249,11 +362,14 @@ impl std::fmt::Display for Abridged<'_> {
 pub struct Member {
     registry: Arc<Registry>,
     subscription: Arc<Subscription>,
+    /// What the client holds of its address's share (see [`Client::charge`]).
+    charge: Option<Lease>,
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        self.registry.release(&self.subscription);
+        self.registry
+            .release(&self.subscription, self.charge.take());
     }
 }
 
@@ -270,6 +386,14 @@ impl Client {
     /// The subscription joined.
     pub fn subscription(&self) -> Option<&Arc<Subscription>> {
         self.member.as_ref().map(|m| &m.subscription)
+    }
+
+    /// Holds `charge` (what the client holds of its address's share) with the membership:
+    /// given back when the client leaves, or kept by the subscription while it lingers.
+    pub fn charge(&mut self, charge: Lease) {
+        if let Some(member) = &mut self.member {
+            member.charge = Some(charge);
+        }
     }
 
     /// The log position the client reads from (every frame sent after it subscribed).

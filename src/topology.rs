@@ -44,6 +44,9 @@ pub struct Caps {
     /// Exchanges in use at once, each one queue, one reconciler and two AMQP channels
     /// (MAX_EXCHANGES).
     pub max_exchanges: usize,
+    /// Resumable subscriptions lingering with no client at once
+    /// (MAX_LINGERING_SUBSCRIPTIONS); the oldest goes first.
+    pub max_lingering: usize,
 }
 
 impl Default for Caps {
@@ -52,6 +55,7 @@ impl Default for Caps {
             max_subscriptions: 20_000,
             max_bindings: 20_000,
             max_exchanges: 200,
+            max_lingering: 2_000,
         }
     }
 }

@@ -131,6 +131,42 @@ fn forwarded_addresses_count_only_behind_trusted_proxies() {
 }
 
 #[test]
+fn forwarded_entries_with_ports_count_and_garbage_ends_the_walk() {
+    let a = admission(AdmissionLimits {
+        trusted_proxies: vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "192.0.2.7/32".parse().expect("net"),
+        ],
+        ..AdmissionLimits::default()
+    });
+    let proxy: IpAddr = "10.9.9.9".parse().expect("ip");
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    let from = |xff: &'static str, peer: IpAddr| {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static(xff));
+        a.client_address(peer, &headers)
+    };
+    // What proxies append: a port, brackets.
+    assert_eq!(from("203.0.113.9:5512", proxy), ip("203.0.113.9"));
+    assert_eq!(from("[2001:db8::5]:443", proxy), ip("2001:db8::5"));
+    assert_eq!(from("[2001:db8::5]", proxy), ip("2001:db8::5"));
+    // An entry that is not an address ends the walk: what is left of it (a client could
+    // have written it) is not believed; the nearest address that parsed counts.
+    assert_eq!(from("198.51.100.1, unknown", proxy), proxy);
+    assert_eq!(
+        from("198.51.100.1, garbage, 10.1.1.1", proxy),
+        ip("10.1.1.1")
+    );
+    assert_eq!(from("198.51.100.1:99999", proxy), proxy, "not a port");
+    // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
+    assert_eq!(
+        from("203.0.113.9", ip("::ffff:192.0.2.7")),
+        ip("203.0.113.9")
+    );
+    assert_eq!(from("::ffff:203.0.113.9", proxy), ip("203.0.113.9"));
+}
+
+#[test]
 fn ipv6_clients_count_by_their_64() {
     let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
     let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");

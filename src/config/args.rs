@@ -60,9 +60,24 @@ pub struct Args {
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 15_000)]
     pub max_connections: usize,
 
-    /// A client must send its request head within this time (slow-header protection).
+    /// A client must send its request head within this time (slow-header protection);
+    /// one deadline per connection, which requests kept alive on it share.
     #[arg(long, env = "HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
+
+    /// Most connections not admitted yet (reading or answering a request head, or kept
+    /// alive between requests); more are closed as soon as they are accepted.
+    #[arg(long, env = "MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    pub max_pending_connections: usize,
+
+    /// ... from one client address (trusted proxies: only the global cap).
+    #[arg(long, env = "MAX_PENDING_PER_ADDRESS", default_value_t = 64)]
+    pub max_pending_per_address: usize,
+
+    /// File descriptors kept below the open-file limit for health checks and refusals;
+    /// MAX_CONNECTIONS is lowered to fit under the limit less this.
+    #[arg(long, env = "FD_RESERVE", default_value_t = 64)]
+    pub fd_reserve: usize,
 
     /// Embedded broker only: publish demo Taskcluster task events.
     #[arg(long, env = "DEMO", default_value_t = true, action = clap::ArgAction::Set)]
@@ -115,6 +130,11 @@ pub struct Args {
     #[arg(long, env = "MAX_EXCHANGES", default_value_t = 200)]
     pub max_exchanges: usize,
 
+    /// Most resumable subscriptions lingering with no client (RESUME_GRACE) at once; the
+    /// oldest goes first, and any goes when a live client needs its room.
+    #[arg(long, env = "MAX_LINGERING_SUBSCRIPTIONS", default_value_t = 2_000)]
+    pub max_lingering_subscriptions: usize,
+
     /// Most words (`.`-separated) in a routing-key pattern.
     #[arg(long, env = "MAX_PATTERN_WORDS", default_value_t = 32)]
     pub max_pattern_words: usize,
@@ -159,6 +179,12 @@ pub struct Args {
     /// SUBSCRIPTION_BUFFER_BYTES).
     #[arg(long, env = "REPLAY_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
     pub replay_window: Duration,
+
+    /// Bytes the logs of all resumable subscriptions may hold together; beyond it the
+    /// oldest replay frames go first (a client resuming from before them gets `gap`
+    /// `expired`). The default fits the manifests' 1 GiB memory limit.
+    #[arg(long, env = "REPLAY_MEMORY", default_value = "256MiB", value_parser = parse_bytes)]
+    pub replay_memory: usize,
 
     /// Resumable streams: how long a subscription, its history and its broker bindings
     /// outlive its last client, so that a client that reconnects can resume.

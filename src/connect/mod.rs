@@ -103,6 +103,19 @@ impl Streams {
         }
     }
 
+    /// Answers 503 (the server is at its limit) to a connect request that arrived within
+    /// the descriptor reserve (see the server's gate), and closes.
+    pub async fn serve_full(&self, socket: TcpStream, head: RequestHead) {
+        let req = Request {
+            version: head.version,
+            reusable: false,
+            resumable: false,
+            last_event_id: None,
+        };
+        let answer = self.full(&req, crate::admission::Full::Process);
+        self.answer(socket, answer).await;
+    }
+
     /// Answers that need no slot: 204 to a client that must not come back, and a
     /// reconnect frame from a draining gateway.
     fn early_answer(&self, req: &Request) -> Option<Answer> {
@@ -159,10 +172,15 @@ impl Streams {
         let span = tracing::info_span!("connection", %peer, bindings = set.len());
         tracing::debug!(parent: &span, "client connected");
         let key = slot.client();
-        let client = self
+        let mut client = self
             .registry
             .subscribe(set, || self.admission.allow_new_subscription(key))
             .map_err(|refusal| refused(&refusal))?;
+        // The share is held with the membership: a resumable subscription that lingers
+        // after its last client stays charged to that client's address until it goes.
+        if let Some(share) = slot.take_share() {
+            client.charge(Box::new(share));
+        }
         Ok(Admitted {
             slot,
             client,

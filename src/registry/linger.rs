@@ -56,6 +56,11 @@ impl Lingering {
         due.into_values().collect()
     }
 
+    /// Takes the entry whose deadline comes first.
+    pub(super) fn take_oldest(&self) -> Option<Arc<Subscription>> {
+        self.queue().pop_first().map(|(_, sub)| sub)
+    }
+
     /// The earliest deadline queued.
     fn next_deadline(&self) -> Option<Instant> {
         self.queue().keys().next().map(|(at, _)| *at)

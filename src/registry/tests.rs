@@ -152,6 +152,10 @@ fn concurrent_join_and_leave_leaves_nothing() {
 
 /// A registry whose resumable subscriptions linger for `grace`.
 fn lingering_registry(grace: Duration) -> Arc<Registry> {
+    lingering_registry_with(grace, Caps::default())
+}
+
+fn lingering_registry_with(grace: Duration, caps: Caps) -> Arc<Registry> {
     let metrics = Metrics::new();
     let topology = Arc::new(Topology::new(metrics.clone()));
     let settings = crate::subscription::StreamSettings {
@@ -163,7 +167,7 @@ fn lingering_registry(grace: Duration) -> Arc<Registry> {
         topology,
         Arc::new(Recorder::default()),
         fanout,
-        Caps::default(),
+        caps,
         metrics,
     ))
 }
@@ -272,4 +276,53 @@ fn a_server_stop_with_a_resumable_client_waiting_for_its_writer_does_not_deadloc
     finished
         .recv_timeout(Duration::from_secs(10))
         .expect("the writer let go of its client without a deadlock");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn lingering_subscriptions_make_room_for_live_clients_oldest_first() {
+    let caps = Caps {
+        max_subscriptions: 2,
+        max_lingering: 2,
+        ..Caps::default()
+    };
+    let registry = lingering_registry_with(Duration::from_secs(30), caps);
+    join_and_leave(&registry, &[("exchange/x", "old")]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    join_and_leave(&registry, &[("exchange/x", "newer")]);
+    assert_eq!(registry.len(), 2, "both linger, at the cap");
+
+    // A live client needs a subscription of its own: the oldest lingering one goes.
+    let live = registry
+        .subscribe(set(&[("exchange/x", "live")]), || true)
+        .expect("room made");
+    let left: Vec<_> = registry
+        .subscriptions
+        .iter()
+        .map(|e| e.key().iter().next().map(|b| b.pattern.clone()))
+        .collect();
+    assert_eq!(registry.len(), 2);
+    assert!(!left.contains(&Some("old".to_owned())), "{left:?}");
+    assert!(left.contains(&Some("newer".to_owned())), "{left:?}");
+    drop(live);
+
+    // Re-joining a lingering subscription takes the client's token, as creating does.
+    let refused = registry.subscribe(set(&[("exchange/x", "newer")]), || false);
+    assert!(matches!(refused, Err(Refusal::AddressRate)));
+    let joined = registry.subscribe(set(&[("exchange/x", "newer")]), || true);
+    assert!(joined.is_ok());
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn lingering_subscriptions_have_a_cap_of_their_own() {
+    let caps = Caps {
+        max_lingering: 3,
+        ..Caps::default()
+    };
+    let registry = lingering_registry_with(Duration::from_secs(30), caps);
+    for i in 0..10 {
+        join_and_leave(&registry, &[("exchange/x", &format!("p{i}"))]);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(registry.len(), 3, "the newest three linger");
+    assert_eq!(registry.lingering_count.load(Ordering::Relaxed), 3);
 }

@@ -9,8 +9,6 @@
 //! - a connect request's head must arrive whole within the header read timeout and
 //!   [`MAX_HEAD_BYTES`]; a larger one goes to hyper too, which answers 431.
 
-use std::time::Duration;
-
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -29,6 +27,10 @@ const MAX_HEADERS: usize = 64;
 pub enum Head {
     /// A connect request, whole; the bytes after its head stay in the buffer.
     Connect(RequestHead),
+    /// A connect request whose framing is ambiguous (several `Content-Length`, or one
+    /// with `Transfer-Encoding`): its body could be taken for the next request. Answered
+    /// 400 and closed, as hyper answers such a request on any other route.
+    Ambiguous,
     /// Anything else (or something to refuse): hyper takes the connection with the bytes
     /// read so far.
     Other,
@@ -38,15 +40,20 @@ pub enum Head {
     Closed,
 }
 
-/// Reads the next request head from `socket` into `buf` (which may already hold bytes).
-pub async fn read(socket: &mut TcpStream, buf: &mut BytesMut, timeout: Duration) -> Head {
-    let deadline = tokio::time::Instant::now() + timeout;
+/// Reads the next request head from `socket` into `buf` (which may already hold bytes),
+/// by `deadline`.
+pub async fn read(
+    socket: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: tokio::time::Instant,
+) -> Head {
     loop {
         match parse(buf) {
             Parsed::Connect(head, len) => {
                 let _ = buf.split_to(len);
                 return Head::Connect(head);
             }
+            Parsed::Ambiguous => return Head::Ambiguous,
             Parsed::Other => return Head::Other,
             Parsed::Partial if buf.len() >= MAX_HEAD_BYTES => return Head::Other,
             Parsed::Partial => {}
@@ -65,6 +72,7 @@ pub async fn read(socket: &mut TcpStream, buf: &mut BytesMut, timeout: Duration)
 
 enum Parsed {
     Connect(RequestHead, usize),
+    Ambiguous,
     Other,
     Partial,
 }
@@ -102,6 +110,13 @@ fn parse(buf: &[u8]) -> Parsed {
             return Parsed::Other;
         };
         map.append(name, value);
+    }
+    let lengths = map
+        .get_all(warp::http::header::CONTENT_LENGTH)
+        .iter()
+        .count();
+    if lengths > 1 || (lengths == 1 && map.contains_key(warp::http::header::TRANSFER_ENCODING)) {
+        return Parsed::Ambiguous;
     }
     let (path, query) = match target.split_once('?') {
         Some((path, query)) => (path, Some(query.to_owned())),
@@ -167,5 +182,13 @@ mod tests {
             Parsed::Partial
         ));
         assert!(matches!(parse(b"\x00\x01garbage\r\n\r\n"), Parsed::Other));
+        assert!(matches!(
+            parse(b"GET /events/v1/connect HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 60\r\n\r\n"),
+            Parsed::Ambiguous
+        ));
+        assert!(matches!(
+            parse(b"GET /events/v1/connect HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            Parsed::Ambiguous
+        ));
     }
 }

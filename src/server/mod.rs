@@ -14,6 +14,7 @@
 //! the request head (and so on the query string), TCP keepalive on every socket, the peer
 //! address for the routes, and a client that goes away logged at debug, not as an error.
 
+mod gate;
 mod head;
 mod rewind;
 
@@ -32,13 +33,22 @@ use tower_service::Service;
 use warp::Filter;
 use warp::reply::Response;
 
+pub use gate::{Gate, GateLimits, open_file_limit};
 pub use head::MAX_HEAD_BYTES;
 
 use crate::connect::{After, Streams};
 use crate::http::PeerAddr;
 use crate::metrics::Metrics;
+use gate::{Entry, Pending};
 use head::Head;
 use rewind::Rewind;
+
+/// The head deadline of a connection let in within the descriptor reserve.
+const RESERVE_HEAD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Accept errors (EMFILE: out of descriptors) back off from this, doubling ...
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// ... to this.
+const ACCEPT_BACKOFF_CAP: Duration = Duration::from_secs(1);
 
 /// Limits of the HTTP side.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +85,7 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 struct Server<F> {
     routes: F,
     streams: Arc<Streams>,
+    gate: Arc<Gate>,
     limits: Limits,
     metrics: Metrics,
     /// Cancelled when the server stops: a connection waiting for its next request closes,
@@ -87,35 +98,51 @@ struct Server<F> {
 pub async fn serve<F>(
     listener: TcpListener,
     routes: F,
-    streams: Arc<Streams>,
+    (streams, gate): (Arc<Streams>, Arc<Gate>),
     limits: Limits,
     shutdown: CancellationToken,
     metrics: Metrics,
 ) where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
+    static ACCEPT_FAILED: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
     let server = Arc::new(Server {
         routes,
         streams,
+        gate,
         limits,
         metrics,
         stopping: shutdown.clone(),
     });
     let mut connections = JoinSet::new();
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
         let (socket, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
                     // Usually EMFILE (out of file descriptors): back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                        tracing::warn!(error = %err, suppressed, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                    }
+                    server.metrics.http_error("accept_failed");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_CAP);
                     continue;
                 }
             },
             () = shutdown.cancelled() => break,
         };
-        connections.spawn(server.clone().connection(socket, peer));
+        backoff = ACCEPT_BACKOFF_FIRST;
+        let entry = server.gate.enter(peer.ip());
+        if let Entry::Refused = entry {
+            drop(socket);
+            continue;
+        }
+        connections.spawn(server.clone().connection(socket, peer, entry));
         // Reap finished connection tasks so the set does not grow with every connection.
         while connections.try_join_next().is_some() {}
     }
@@ -134,23 +161,58 @@ where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
     /// Serves one connection: connect requests here, as long as the client keeps the
-    /// connection for more of them; anything else by hyper.
-    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr) {
+    /// connection for more of them; anything else by hyper. Its head deadline is set once
+    /// (see `gate`); it is pending until a connect request goes on to admission.
+    async fn connection(self: Arc<Self>, socket: TcpStream, peer: SocketAddr, entry: Entry) {
         tune(&socket, self.limits.keepalive);
+        let (mut pending, in_reserve) = match entry {
+            Entry::Open(pending) => (Some(pending), false),
+            Entry::Reserve(pending) => (Some(pending), true),
+            Entry::Refused => return,
+        };
+        let timeout = match in_reserve {
+            true => RESERVE_HEAD_TIMEOUT,
+            false => self.limits.header_read_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut socket = socket;
         let mut buf = BytesMut::new();
         loop {
+            if pending.is_none() {
+                // Kept alive after an answer: pending again, if there is room.
+                match self.gate.enter(peer.ip()) {
+                    Entry::Open(p) | Entry::Reserve(p) => pending = Some(p),
+                    Entry::Refused => return,
+                }
+            }
             let head = tokio::select! {
-                head = head::read(&mut socket, &mut buf, self.limits.header_read_timeout) => head,
+                head = head::read(&mut socket, &mut buf, deadline) => head,
                 // An idle connection (kept alive after an answer) closes with the server.
                 () = self.stopping.cancelled(), if buf.is_empty() => return,
             };
             match head {
-                Head::Connect(head) => match self.streams.serve(socket, head, peer).await {
-                    After::KeepAlive(kept) => socket = kept,
-                    After::Done => return,
-                },
-                Head::Other => return self.hyper(Rewind::new(buf.freeze(), socket), peer).await,
+                Head::Connect(head) if in_reserve => {
+                    self.streams.serve_full(socket, head).await;
+                    return;
+                }
+                Head::Connect(head) => {
+                    // Admission counts it from here on.
+                    drop(pending.take());
+                    match self.streams.serve(socket, head, peer).await {
+                        After::KeepAlive(kept) => socket = kept,
+                        After::Done => return,
+                    }
+                }
+                Head::Other => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let io = Rewind::new(buf.freeze(), socket);
+                    return self.hyper(io, peer, left, pending).await;
+                }
+                Head::Ambiguous => {
+                    self.metrics.http_error("bad_request");
+                    tracing::debug!(%peer, "connect request with ambiguous framing");
+                    return bad_request(socket).await;
+                }
                 Head::TimedOut => {
                     self.metrics.http_error("header_timeout");
                     tracing::debug!(%peer, "request head not sent in time");
@@ -161,8 +223,15 @@ where
         }
     }
 
-    /// Serves the connection's next request with hyper and the warp routes, then closes.
-    async fn hyper(&self, io: Rewind, peer: SocketAddr) {
+    /// Serves the connection's next request with hyper and the warp routes (its head due
+    /// within `head_timeout`), then closes; `_pending` is held until then.
+    async fn hyper(
+        &self,
+        io: Rewind,
+        peer: SocketAddr,
+        head_timeout: Duration,
+        _pending: Option<Pending>,
+    ) {
         let service = warp::service(self.routes.clone());
         let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
@@ -171,7 +240,7 @@ where
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout)
+            .header_read_timeout(head_timeout.max(Duration::from_millis(1)))
             .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES.max(8192))
             .keep_alive(false)
@@ -200,6 +269,27 @@ where
             tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
         }
     }
+}
+
+/// Answers 400 to a request the gateway will not read on from, and closes.
+async fn bad_request(mut socket: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = br#"{"code":400,"message":"Ambiguous request framing: several Content-Length headers, or Content-Length with Transfer-Encoding."}"#;
+    let mut headers = warp::http::HeaderMap::new();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    let answer = crate::wire::response(
+        crate::wire::Version::Http11,
+        warp::http::StatusCode::BAD_REQUEST,
+        &headers,
+        body,
+        false,
+    );
+    let write = socket.write_all(&answer);
+    let _ = tokio::time::timeout(Duration::from_secs(5), write).await;
+    let _ = socket.shutdown().await;
 }
 
 /// Small writes go out at once (no Nagle delay); TCP keepalive notices dead peers.

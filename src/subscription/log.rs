@@ -8,12 +8,23 @@
 //!   and keeps only frames that some reader still needs (`retain_from`), or that the
 //!   replay window keeps for clients that may resume; and never more than `max_frames`
 //!   frames, `max_bytes` bytes, or frames older than `max_age` (the oldest go first);
+//! - the log makes room before it grows: a full log drops its oldest frame before it
+//!   takes a new one, so its deque never grows past `max_frames` slots;
+//! - the log of a resumable subscription counts its bytes in the global replay budget
+//!   (see `replay`), from the moment it is charged to it until it is dropped;
 //! - a reader whose next frame was dropped has lagged: it learns how many it missed.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use super::replay::ReplayBudget;
 use crate::message::Frame;
+
+/// What one frame costs a log besides its bytes: its entry (the shared `Bytes` handle,
+/// when it arrived, its kind). Counted in the replay budget, since many subscriptions
+/// with small messages hold more in entries than in bytes (56 bytes each on x86_64).
+const SLOT_BYTES: usize = std::mem::size_of::<Frame>();
 
 /// How much a log may hold.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +54,8 @@ pub struct Log {
     frames: VecDeque<Frame>,
     bytes: usize,
     limits: LogLimits,
+    /// The global replay budget its bytes count in, once its subscription is resumable.
+    budget: Option<Arc<ReplayBudget>>,
 }
 
 /// What a reader at a position can read.
@@ -60,6 +73,15 @@ impl Log {
             frames: VecDeque::new(),
             bytes: 0,
             limits,
+            budget: None,
+        }
+    }
+
+    /// Counts this log's memory in `budget` from now on.
+    pub fn charge_to(&mut self, budget: Arc<ReplayBudget>) {
+        if self.budget.is_none() {
+            budget.add(self.bytes + self.frames.len() * SLOT_BYTES);
+            self.budget = Some(budget);
         }
     }
 
@@ -73,18 +95,31 @@ impl Log {
         self.first
     }
 
-    /// Appends `frame` (its sequence number is returned), then drops the oldest frames
-    /// beyond the count and byte bounds.
+    /// Drops the oldest frames that the count and byte bounds leave no room for, then
+    /// appends `frame`; returns its sequence number. A frame larger than the byte bound is
+    /// kept, alone.
     pub fn push(&mut self, frame: Frame) -> u64 {
-        let seq = self.next_seq();
-        self.bytes += frame.bytes.len();
-        self.frames.push_back(frame);
-        while self.frames.len() > self.limits.max_frames
-            || (self.bytes > self.limits.max_bytes && self.frames.len() > 1)
+        let len = frame.bytes.len();
+        while !self.frames.is_empty()
+            && (self.frames.len() >= self.limits.max_frames.max(1)
+                || self.bytes + len > self.limits.max_bytes)
         {
             self.pop_front();
         }
+        let seq = self.next_seq();
+        self.bytes += len;
+        if let Some(budget) = &self.budget {
+            budget.add(len + SLOT_BYTES);
+        }
+        self.frames.push_back(frame);
         seq
+    }
+
+    /// When the oldest frame reached the gateway, if the log holds one before `seq`.
+    pub fn front_before(&self, seq: u64) -> Option<Instant> {
+        (self.first < seq)
+            .then(|| self.frames.front().map(|f| f.received))
+            .flatten()
     }
 
     /// Frames from `seq` on.
@@ -127,10 +162,22 @@ impl Log {
         self.bytes
     }
 
-    fn pop_front(&mut self) {
+    /// Drops the oldest frame.
+    pub fn pop_front(&mut self) {
         if let Some(frame) = self.frames.pop_front() {
             self.bytes -= frame.bytes.len();
+            if let Some(budget) = &self.budget {
+                budget.sub(frame.bytes.len() + SLOT_BYTES);
+            }
             self.first += 1;
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.sub(self.bytes + self.frames.len() * SLOT_BYTES);
         }
     }
 }
@@ -194,6 +241,20 @@ mod tests {
         // A frame larger than the byte bound is still kept, alone.
         log.push(frame("xxxxxxxxxxxxxxxx"));
         assert_eq!((log.len(), log.first_seq()), (1, 4));
+    }
+
+    #[test]
+    fn a_full_log_makes_room_before_it_grows() {
+        let mut log = Log::new(limits(64, usize::MAX));
+        for _ in 0..1000 {
+            log.push(frame("x"));
+        }
+        assert_eq!(log.len(), 64);
+        assert!(
+            log.frames.capacity() <= 64,
+            "{} slots for 64 frames",
+            log.frames.capacity()
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ mod log;
 #[cfg(test)]
 mod model_tests;
 mod position;
+mod replay;
 mod shard;
 #[cfg(test)]
 mod sim;
@@ -55,6 +56,7 @@ use tokio_util::sync::CancellationToken;
 pub use conn::{Conn, Lease};
 pub use log::{Log, LogLimits};
 pub use position::{Gap, Position};
+pub use replay::ReplayBudget;
 
 use crate::binding::BindingSet;
 use crate::message::Frame;
@@ -81,6 +83,8 @@ pub struct StreamSettings {
     pub resume_grace: Duration,
     /// Most clients one writer task serves ([`SHARD_CLIENTS`]; smaller in model tests).
     pub shard_clients: usize,
+    /// Bytes the logs of resumable subscriptions may hold together (REPLAY_MEMORY).
+    pub replay_memory: usize,
 }
 
 impl Default for StreamSettings {
@@ -94,6 +98,7 @@ impl Default for StreamSettings {
             log: LogLimits::default(),
             resume_grace: Duration::from_secs(30),
             shard_clients: SHARD_CLIENTS,
+            replay_memory: 256 * 1024 * 1024,
         }
     }
 }
@@ -107,15 +112,20 @@ pub struct Fanout {
     /// This process's epoch (random at start): resumable ids from another process (a
     /// restart, another replica) name another epoch and cannot be resumed here.
     pub epoch: u64,
+    /// Replay memory over every resumable subscription (REPLAY_MEMORY).
+    pub replay: Arc<ReplayBudget>,
 }
 
 impl Fanout {
     pub fn new(settings: StreamSettings, metrics: Metrics) -> Arc<Self> {
+        let replay = ReplayBudget::new(settings.replay_memory, metrics.replay_bytes.clone());
+        metrics.replay_limit.set(settings.replay_memory as i64);
         Arc::new(Self {
             settings,
             metrics,
             closing: CancellationToken::new(),
             epoch: fastrand::u64(..),
+            replay,
         })
     }
 }
@@ -137,6 +147,9 @@ pub struct Subscription {
     /// Whether the subscription has its entry in the registry's grace-period queue;
     /// changed only under the registry's map lock.
     pub(crate) queued: std::sync::atomic::AtomicBool,
+    /// While it lingers: what its last client held of its address's share, given back
+    /// when it goes or a client holds it again (see the registry).
+    pub(crate) charge: Mutex<Option<Lease>>,
 }
 
 struct State {
@@ -189,6 +202,7 @@ impl Subscription {
             clients: AtomicUsize::new(1),
             left_at: Mutex::new(None),
             queued: std::sync::atomic::AtomicBool::new(false),
+            charge: Mutex::new(None),
         }
     }
 
@@ -216,6 +230,11 @@ impl Subscription {
         }
         for slot in &state.shards {
             slot.shared.waker.wake();
+        }
+        let resumable = state.resumable;
+        drop(state);
+        if resumable && self.fanout.replay.over() {
+            self.fanout.replay.trim();
         }
     }
 
@@ -248,9 +267,14 @@ impl Subscription {
     }
 
     /// From now on the log keeps frames for the replay window, for clients that may
-    /// resume.
-    pub fn mark_resumable(&self) {
-        self.state().resumable = true;
+    /// resume, within the global replay budget.
+    pub fn mark_resumable(self: &Arc<Self>) {
+        let mut state = self.state();
+        if !state.resumable {
+            state.resumable = true;
+            state.log.charge_to(self.fanout.replay.clone());
+            self.fanout.replay.register(self);
+        }
     }
 
     /// Whether a client asked for resumable delivery (the subscription then lingers after
@@ -368,9 +392,7 @@ impl State {
     /// Drops the frames no client needs any more; a resumable subscription keeps what the
     /// replay window allows (its count, bytes and age bounds) for clients that come back.
     fn retain(&mut self, now: Instant) {
-        let pinned = self.pins.keys().next().copied();
-        let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
-        let needed = needed.unwrap_or_else(|| self.log.next_seq());
+        let needed = self.needed();
         let from = match self.resumable {
             true => self.log.first_seq(),
             false => needed,
@@ -379,5 +401,37 @@ impl State {
         while self.ends.front().is_some_and(|(at, _)| *at < needed) {
             self.ends.pop_front();
         }
+    }
+
+    /// The oldest position a client (attached or waiting for `ready`) still needs; the
+    /// log's end if none.
+    fn needed(&self) -> u64 {
+        let pinned = self.pins.keys().next().copied();
+        let needed = self.shards.iter().map(|s| s.needs_from).chain(pinned).min();
+        needed.unwrap_or_else(|| self.log.next_seq())
+    }
+
+    /// When the oldest replay frame (one no client needs, kept for a reconnect) reached
+    /// the gateway, if there is one.
+    fn replay_front(&self) -> Option<Instant> {
+        self.log.front_before(self.needed())
+    }
+
+    /// Drops replay frames from the front: those that reached the gateway no later than
+    /// `until` (all of them if `None`), until `enough` says so. Returns when the oldest
+    /// replay frame left reached the gateway.
+    fn drop_replay_front(
+        &mut self,
+        until: Option<Instant>,
+        enough: impl Fn() -> bool,
+    ) -> Option<Instant> {
+        let needed = self.needed();
+        while let Some(at) = self.log.front_before(needed) {
+            if until.is_some_and(|until| at > until) || enough() {
+                return Some(at);
+            }
+            self.log.pop_front();
+        }
+        None
     }
 }

@@ -51,3 +51,54 @@ async fn a_frame_sent_between_ready_and_attach_reaches_the_client() {
         got.extend_from_slice(&chunk[..n]);
     }
 }
+
+/// A resumable subscription on `exchange/<name>` sharing `fanout`.
+fn resumable(name: &str, fanout: &Arc<Fanout>) -> Arc<Subscription> {
+    let bindings = Arc::new(BindingSet::new(vec![Binding {
+        exchange: format!("exchange/{name}"),
+        pattern: "#".to_owned(),
+    }]));
+    let sub = Arc::new(Subscription::new(bindings, fanout.clone()));
+    sub.mark_resumable();
+    sub
+}
+
+fn kib_frame(n: u8) -> Frame {
+    Frame::message(Bytes::from(vec![n; 1024]), Instant::now())
+}
+
+#[test]
+fn replay_memory_is_bounded_over_all_subscriptions_oldest_first() {
+    let settings = StreamSettings {
+        replay_memory: 64 * 1024,
+        ..StreamSettings::default()
+    };
+    let fanout = Fanout::new(settings, Metrics::new());
+    let old = resumable("old", &fanout);
+    let new = resumable("new", &fanout);
+    // 40 KiB to the first, then 40 KiB to the second: 80 KiB asked, 64 KiB allowed.
+    for n in 0..40 {
+        old.send(kib_frame(n));
+    }
+    for n in 0..40 {
+        new.send(kib_frame(n));
+    }
+    let used = fanout.replay.used();
+    assert!(used <= 64 * 1024, "{used} bytes held");
+    // The oldest went first: the first subscription lost frames, the second none.
+    let (old_held, _) = old.held();
+    let (new_held, _) = new.held();
+    assert!(old_held < 40 && new_held == 40, "{old_held} and {new_held}");
+    // What a client still needs is never dropped for replay memory.
+    let pinned = old.pin();
+    for n in 0..40 {
+        old.send(kib_frame(n));
+    }
+    assert_eq!(old.read(pinned, 100).map(|f| f.len()), Ok(40));
+    drop((old, new));
+    assert_eq!(
+        fanout.replay.used(),
+        0,
+        "a log gives its bytes back when it goes"
+    );
+}

@@ -402,19 +402,26 @@ async fn the_embedded_broker_is_not_exposed_by_default() {
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("EMBEDDED_BROKER=true"));
 
-    // A cross-site form post: refused (415); a preflight from another origin: not allowed.
+    // A cross-site form post: refused (403 for its origin; 415 for its type even from
+    // the gateway's own page); a preflight from another origin: not allowed.
     let http = reqwest::Client::new();
     let url = format!("http://{}/api/events/v1/publish", gw.addr);
-    let form = http
-        .post(&url)
-        .header("origin", "http://evil.example")
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(r#"{"exchange":"exchange/a","routingKey":"k","payload":1}"#)
-        .send()
+    let form_from = |origin: String| {
+        http.post(&url)
+            .header("origin", origin)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(r#"{"exchange":"exchange/a","routingKey":"k","payload":1}"#)
+            .send()
+    };
+    let form = form_from("http://evil.example".to_owned())
         .await
         .expect("post");
-    assert_eq!(form.status(), 415);
+    assert_eq!(form.status(), 403);
     assert!(form.headers().get("access-control-allow-origin").is_none());
+    let own = form_from(format!("http://{}", gw.addr))
+        .await
+        .expect("post");
+    assert_eq!(own.status(), 415);
     let preflight = http
         .request(reqwest::Method::OPTIONS, &url)
         .header("origin", "http://evil.example")

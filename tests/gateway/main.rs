@@ -9,6 +9,7 @@ mod drain;
 mod embedded;
 mod fanout;
 mod integrity;
+mod limits;
 mod protocol;
 mod proxy;
 mod resilience;

@@ -53,6 +53,8 @@ impl Gateway {
             .env("ADDRESS_SUBSCRIPTION_BURST", "1000000")
             .env("MAX_BINDINGS_PER_ADDRESS", "100000000")
             .env("MAX_EXCHANGES_PER_ADDRESS", "100000")
+            .env("MAX_PENDING_PER_ADDRESS", "1000000")
+            .env("MAX_PENDING_CONNECTIONS", "1000000")
             .stdin(Stdio::null())
             .kill_on_drop(true);
         let child = cmd.spawn().with_context(|| {

@@ -132,6 +132,7 @@ impl TestGateway {
             "--address-subscription-burst=100000".to_owned(),
             "--max-bindings-per-address=1000000".to_owned(),
             "--max-exchanges-per-address=100000".to_owned(),
+            "--max-pending-per-address=100000".to_owned(),
         ];
         let flag = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
         let mut args = vec!["events-gateway".to_owned()];
@@ -695,6 +696,22 @@ pub async fn rabbitmqctl_output(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Polls an async `check` until it holds, or panics after `within`.
+pub async fn eventually_async<F, Fut>(within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` until it holds, or panics after `within`.
 pub async fn eventually(within: Duration, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
@@ -746,6 +763,20 @@ impl ChildGateway {
     /// against the test broker, logging at info, with `args` added (a flag given there
     /// replaces the default of the same name).
     pub async fn start(bin: &str, args: &[&str]) -> Self {
+        Self::start_with(std::process::Command::new(bin), args).await
+    }
+
+    /// The same, with the process's open-file limit set to `open_files` (by util-linux's
+    /// `prlimit`, which then runs the binary as the same process).
+    pub async fn start_with_open_files(bin: &str, open_files: usize, args: &[&str]) -> Self {
+        let mut command = std::process::Command::new("prlimit");
+        command
+            .arg(format!("--nofile={open_files}:{open_files}"))
+            .arg(bin);
+        Self::start_with(command, args).await
+    }
+
+    async fn start_with(mut command: std::process::Command, args: &[&str]) -> Self {
         let queue_prefix = format!("queue/guest/events-gateway-test-{}", unique());
         let defaults = [
             "--listen-address=127.0.0.1".to_owned(),
@@ -761,7 +792,7 @@ impl ChildGateway {
             .filter(|d| !args.iter().any(|a| flag(a) == flag(d)))
             .collect();
         all.extend(args.iter().map(|a| (*a).to_owned()));
-        let mut child = std::process::Command::new(bin)
+        let mut child = command
             .args(&all)
             .stdout(std::process::Stdio::piped())
             .spawn()
