@@ -6,7 +6,8 @@
 #      (scripts/rabbitmq-4.3.sh builds it from Debian's packages the first time);
 #   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate
 #      (and deploy/mistakes.py: the check catches deliberate mistakes);
-#   4. tests/browser/run.sh: the live page in headless Chromium against the real binary.
+#   4. tests/browser/run.sh: the live page in headless Chromium against the real binary;
+#   5. tests/clients/run.sh: the SSE client libraries people use (Node, Python) against it.
 # Exits non-zero as soon as one part fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,3 +48,6 @@ TEST_AMQP_URL=$(./scripts/rabbitmq-4.3.sh url) \
 echo "== browser test"
 cargo build --bin events-gateway
 bash tests/browser/run.sh
+
+echo "== SSE client libraries (Node and Python)"
+bash tests/clients/run.sh

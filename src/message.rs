@@ -222,19 +222,25 @@ pub fn reconnect_delay_ms() -> u64 {
     500 + fastrand::u64(..4500)
 }
 
-/// The last frame of a stream the server ends on purpose: the empty `id:` resets the
-/// client's last event id (so it reconnects without `Last-Event-Id`, which would get 204),
-/// and `retry:` spreads the reconnections over time.
+/// The last frame of a stream the server ends on purpose: a named `reconnect` event with
+/// data `{}` (so that libraries that hand every frame with data to the program see a named
+/// event, not an empty `message`, and libraries that drop frames without data still see
+/// its id), an empty `id:` that resets the client's last event id (so it reconnects
+/// without `Last-Event-Id`, which would get 204), and a `retry:` that spreads the
+/// reconnections over time. An EventSource dispatches it only to `reconnect` listeners.
 pub fn reconnect_frame(retry_ms: u64) -> Bytes {
-    Bytes::from(format!("retry: {retry_ms}\nid:\n\n"))
+    Bytes::from(format!(
+        "event: reconnect\ndata: {{}}\nid:\nretry: {retry_ms}\n\n"
+    ))
 }
 
 /// The frame that sends a client elsewhere during a drain: a jittered `retry`, and for the
-/// original protocol an empty `id:`; a resumable stream keeps its id, to resume with it.
+/// original protocol an empty `id:`; a resumable stream keeps its id (the frame has no
+/// `id` field), to resume with it.
 pub fn drain_frame(resumable: bool) -> Bytes {
     let delay = reconnect_delay_ms();
     if resumable {
-        Bytes::from(format!("retry: {delay}\n\n"))
+        Bytes::from(format!("event: reconnect\ndata: {{}}\nretry: {delay}\n\n"))
     } else {
         reconnect_frame(delay)
     }
@@ -351,6 +357,9 @@ mod tests {
             ping_frame(t),
             "event: ping\ndata: {\"time\":\"2026-11-27T11:15:23.085Z\"}\nid: -\n\n"
         );
-        assert_eq!(reconnect_frame(1500), "retry: 1500\nid:\n\n");
+        assert_eq!(
+            reconnect_frame(1500),
+            "event: reconnect\ndata: {}\nid:\nretry: 1500\n\n"
+        );
     }
 }

@@ -83,7 +83,7 @@ async fn a_stream_that_subscribes_as_the_drain_begins_still_ends_with_the_reconn
     // Assert: the client is sent elsewhere, and the stream ends.
     let body = read_to_end(&mut client).await;
     assert!(
-        body.ends_with("\nid:\n\n") && body.contains("retry: "),
+        body.contains("event: reconnect\ndata: {}\nid:\nretry: ") && body.ends_with("\n\n"),
         "the reconnect frame ends the stream: {body:?}"
     );
 }

@@ -419,13 +419,13 @@ fn check_stream(
             }
             at += 1;
             ended = true;
-        } else if event.starts_with("retry: ") {
+        } else if event.starts_with("event: reconnect\ndata: {}\n") {
             if !outcome.ends.contains(&at) {
                 return Err(format!("reconnect frame at {at}, where no drain was sent"));
             }
             let id_ok = match resumable {
                 true => !event.contains("\nid"),
-                false => event.ends_with("\nid:"),
+                false => event.contains("\nid:\nretry: "),
             };
             if !id_ok {
                 return Err(format!("reconnect frame with a wrong id: {event:?}"));

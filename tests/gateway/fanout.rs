@@ -162,7 +162,7 @@ async fn the_drain_frame_reaches_every_stream_of_every_shard() {
         .iter()
         .filter(|b| {
             let last = b.rsplit("\n\n").nth(1).unwrap_or_default();
-            last.starts_with("retry: ") && last.ends_with("\nid:")
+            is_reconnect_frame(last)
         })
         .count();
     assert_eq!(

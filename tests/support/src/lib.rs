@@ -696,6 +696,24 @@ pub async fn rabbitmqctl_output(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Whether `frame` (one SSE frame, without its final blank line) is the reconnect frame
+/// of a draining gateway for the original protocol: a named `reconnect` event, an empty
+/// `id:` (the client's last event id reset) and a `retry:` of 500–5000 ms.
+pub fn is_reconnect_frame(frame: &str) -> bool {
+    frame
+        .strip_prefix("event: reconnect\ndata: {}\nid:\nretry: ")
+        .and_then(|ms| ms.trim_end().parse::<u64>().ok())
+        .is_some_and(|ms| (500..=5000).contains(&ms))
+}
+
+/// The same for a resumable stream: no `id` field (the client keeps its last id).
+pub fn is_resumable_reconnect_frame(frame: &str) -> bool {
+    frame
+        .strip_prefix("event: reconnect\ndata: {}\nretry: ")
+        .and_then(|ms| ms.trim_end().parse::<u64>().ok())
+        .is_some_and(|ms| (500..=5000).contains(&ms))
+}
+
 /// Polls an async `check` until it holds, or panics after `within`.
 pub async fn eventually_async<F, Fut>(within: Duration, mut check: F)
 where
