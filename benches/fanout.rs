@@ -10,9 +10,9 @@ use events_gateway::binding::{Binding, BindingSet};
 use events_gateway::broker::MemoryBroker;
 use events_gateway::message::Incoming;
 use events_gateway::metrics::Metrics;
+use events_gateway::registry::Caps;
 use events_gateway::registry::Registry;
 use events_gateway::subscription::{Fanout, StreamSettings};
-use events_gateway::topology::Caps;
 use events_gateway::topology::Topology;
 
 fn bench(c: &mut Criterion) {

@@ -34,9 +34,7 @@ use std::time::Instant;
 
 use dashmap::DashMap;
 use ipnet::IpNet;
-use warp::http::HeaderMap;
 
-use crate::binding::BindingSet;
 use crate::metrics::Metrics;
 
 /// What admission allows.
@@ -191,36 +189,6 @@ impl Admission {
         })
     }
 
-    /// The address a request comes from: the peer's, or what trusted proxies say.
-    pub fn client_address(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let peer = canonical(peer);
-        let trusted = |ip: &IpAddr| self.limits.trusted_proxies.iter().any(|n| n.contains(ip));
-        if !trusted(&peer) {
-            return peer;
-        }
-        // Proxies append: walk from the right past the trusted ones, and stop at the first
-        // entry that is not an address (a value that is not text is one such entry).
-        let entries: Vec<Option<IpAddr>> = headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .flat_map(|v| match v.to_str() {
-                Ok(text) => text.split(',').map(forwarded_address).collect(),
-                Err(_) => vec![None],
-            })
-            .collect();
-        let mut nearest = peer;
-        for entry in entries.iter().rev() {
-            let Some(addr) = *entry else {
-                break;
-            };
-            nearest = addr;
-            if !trusted(&addr) {
-                break;
-            }
-        }
-        nearest
-    }
-
     /// Takes a connection slot for `client`, or says which limit is reached.
     pub fn try_take(self: &Arc<Self>, client: IpAddr) -> Result<Slot, Full> {
         if self.since_sweep.fetch_add(1, Ordering::Relaxed) >= SWEEP_EVERY {
@@ -262,16 +230,7 @@ impl Admission {
             return Err(full);
         }
         self.metrics.connections_open.inc();
-        Ok(Slot {
-            admission: self.clone(),
-            key,
-            share: Some(Share {
-                admission: self.clone(),
-                key,
-                bindings: 0,
-                exchanges: Vec::new(),
-            }),
-        })
+        Ok(Slot::new(self.clone(), key))
     }
 
     /// Takes a token for a new subscription from `client`'s bucket. Returns whether there
@@ -298,148 +257,12 @@ impl Admission {
     pub fn addresses(&self) -> usize {
         self.addresses.len()
     }
-
-    /// A connection closes: the address's state goes with its last connection if nothing
-    /// else is charged to it and its bucket is full; otherwise it stays until a sweep
-    /// finds it idle.
-    fn release_connection(&self, key: ClientKey) {
-        self.open.fetch_sub(1, Ordering::AcqRel);
-        self.metrics.connections_open.dec();
-        let now = Instant::now();
-        self.addresses.remove_if_mut(&key, |_, state| {
-            state.connections = state.connections.saturating_sub(1);
-            state.idle(now, &self.limits)
-        });
-    }
-
-    /// A share is no longer held.
-    fn release_share(&self, share: &mut Share) {
-        let now = Instant::now();
-        self.addresses.remove_if_mut(&share.key, |_, state| {
-            state.bindings = state.bindings.saturating_sub(share.bindings);
-            for exchange in share.exchanges.drain(..) {
-                if let Some(n) = state.exchanges.get_mut(&exchange) {
-                    *n -= 1;
-                    if *n == 0 {
-                        state.exchanges.remove(&exchange);
-                    }
-                }
-            }
-            state.idle(now, &self.limits)
-        });
-    }
 }
 
-/// An address as admission sees it: an IPv4-mapped IPv6 address is its IPv4 address.
-fn canonical(addr: IpAddr) -> IpAddr {
-    match addr {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
-        v4 => v4,
-    }
-}
+mod forwarded;
+mod slot;
 
-/// One `X-Forwarded-For` entry as an address: `ip`, `ip:port`, `[v6]` or `[v6]:port`;
-/// `None` for anything else (`unknown`, an obfuscated identifier, garbage).
-fn forwarded_address(entry: &str) -> Option<IpAddr> {
-    let entry = entry.trim();
-    let addr = entry
-        .parse::<IpAddr>()
-        .ok()
-        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
-        .or_else(|| {
-            entry
-                .strip_prefix('[')
-                .and_then(|e| e.strip_suffix(']'))
-                .and_then(|e| e.parse::<Ipv6Addr>().ok())
-                .map(IpAddr::V6)
-        })?;
-    Some(canonical(addr))
-}
-
-/// One open SSE connection, and (until it is taken) what it holds of its address's
-/// share; dropping it frees both.
-pub struct Slot {
-    admission: Arc<Admission>,
-    key: ClientKey,
-    share: Option<Share>,
-}
-
-/// What one connection holds of its address's share: its bindings and exchanges.
-/// Dropping it gives them back.
-pub struct Share {
-    admission: Arc<Admission>,
-    key: ClientKey,
-    bindings: usize,
-    exchanges: Vec<Arc<str>>,
-}
-
-impl Slot {
-    /// The address the connection counts against.
-    pub fn client(&self) -> ClientKey {
-        self.key
-    }
-
-    /// Counts `set` against the address's share, or says which share it would pass.
-    pub fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
-        match &mut self.share {
-            Some(share) => share.hold(set),
-            None => Ok(()),
-        }
-    }
-
-    /// What the connection holds of its address's share, to be held elsewhere (with its
-    /// subscription) from now on.
-    pub fn take_share(&mut self) -> Option<Share> {
-        self.share.take()
-    }
-}
-
-impl Share {
-    fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
-        let limits = &self.admission.limits;
-        let Some(mut state) = self.admission.addresses.get_mut(&self.key) else {
-            return Ok(());
-        };
-        if state.bindings + set.len() > limits.bindings_per_address {
-            return Err(OverShare::Bindings(limits.bindings_per_address));
-        }
-        let mut wanted: Vec<&str> = set.iter().map(|b| b.exchange.as_str()).collect();
-        wanted.dedup();
-        let new = wanted
-            .iter()
-            .filter(|e| !state.exchanges.contains_key(**e))
-            .count();
-        if state.exchanges.len() + new > limits.exchanges_per_address {
-            return Err(OverShare::Exchanges(limits.exchanges_per_address));
-        }
-        state.bindings += set.len();
-        self.bindings = set.len();
-        for exchange in wanted {
-            let key = match state.exchanges.get_key_value(exchange) {
-                Some((key, _)) => key.clone(),
-                None => Arc::from(exchange),
-            };
-            *state.exchanges.entry(key.clone()).or_insert(0) += 1;
-            self.exchanges.push(key);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        // The share first: the address's state may go with the connection.
-        drop(self.share.take());
-        self.admission.release_connection(self.key);
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let admission = self.admission.clone();
-        admission.release_share(self);
-    }
-}
+pub use slot::{Share, Slot};
 
 #[cfg(test)]
 mod tests;

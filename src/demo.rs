@@ -223,9 +223,9 @@ mod tests {
     use super::*;
     use crate::binding::{Binding, BindingSet};
     use crate::metrics::Metrics;
+    use crate::registry::Caps;
     use crate::registry::Registry;
     use crate::subscription::{Fanout, StreamSettings};
-    use crate::topology::Caps;
     use crate::topology::Topology;
 
     #[tokio::test]

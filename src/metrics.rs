@@ -7,70 +7,12 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 
-/// Outcomes counted in `events_gateway_connections_total`.
-pub const OUTCOMES: &[&str] = &[
-    "ready",
-    "bad_input",
-    "broker_error",
-    "timeout",
-    "no_content",
-    "over_limit",
-    "draining",
-    "client_gone",
-    "over_address_limit",
-    "refused",
-];
+mod labels;
 
-/// Reasons counted in `events_gateway_refused_total`: which limit refused a client.
-pub const REFUSAL_REASONS: &[&str] = &[
-    "address_connections",
-    "address_rate",
-    "address_bindings",
-    "address_exchanges",
-    "subscriptions",
-    "bindings",
-    "exchanges",
-    "pattern",
-    "pending_per_address",
-    "pending_connections",
-    "no_descriptors",
-];
-
-/// Outcomes counted in `events_gateway_resumes_total`: a resumable client that came back
-/// with its last id was replayed, or started live after a `gap` for one of these reasons.
-pub const RESUME_OUTCOMES: &[&str] = &[
-    "replayed",
-    "invalid-id",
-    "other-epoch",
-    "other-subscription",
-    "expired",
-];
-
-/// Limits shown by `events_gateway_limit`.
-pub const LIMITS: &[&str] = &[
-    "connections_per_address",
-    "subscriptions",
-    "broker_bindings",
-    "exchanges",
-    "lingering_subscriptions",
-    "pending_connections",
-    "sockets",
-];
-
-/// Kinds counted in `events_gateway_http_connection_errors_total`.
-pub const HTTP_ERRORS: &[&str] = &[
-    "header_timeout",
-    "head_too_large",
-    "bad_request",
-    "client_closed",
-    "stalled",
-    "unexpected_data",
-    "accept_failed",
-    "other",
-];
-
-/// Reasons counted in `events_gateway_messages_dropped_total`.
-pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
+pub use labels::{
+    BROKER_FAILURE_STAGES, DROP_REASONS, HTTP_ERRORS, LIMITS, OUTCOMES, REFUSAL_REASONS,
+    RESUME_OUTCOMES,
+};
 
 /// Every metric the gateway exports. Cheap to clone (one `Arc`): every client stream
 /// holds one.
@@ -119,148 +61,198 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = MetricsInner {
-            connections_open: IntGauge::new(
+            connections_open: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_connections_open",
                 "SSE client connections currently open",
-            )
-            .expect("valid metric"),
-            connections_pending: IntGauge::new(
+            ),
+            ),
+            connections_pending: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_connections_pending",
                 "Connections not admitted yet: their request head is read or answered, or they are kept alive between requests (at most MAX_PENDING_CONNECTIONS)",
-            )
-            .expect("valid metric"),
-            connections_total: IntCounterVec::new(
+            ),
+            ),
+            connections_total: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_connections_total",
                     "SSE connect requests by how they ended up: ready, bad_input, broker_error, timeout, no_content (Last-Event-Id), over_limit (MAX_CONNECTIONS), draining (sent away with a reconnect frame during shutdown), client_gone (left before ready or error), over_address_limit (MAX_CONNECTIONS_PER_ADDRESS), refused (a new subscription over a rate or a cap; see events_gateway_refused_total)",
                 ),
                 &["outcome"],
-            )
-            .expect("valid metric"),
-            exchanges: IntGauge::new(
+            ),
+            ),
+            exchanges: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_exchanges",
                 "Exchanges in use by some subscription (each one broker queue and two AMQP channels)",
-            )
-            .expect("valid metric"),
-            refused: IntCounterVec::new(
+            ),
+            ),
+            refused: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_refused_total",
                     "Clients refused by a limit, by reason: address_connections (MAX_CONNECTIONS_PER_ADDRESS, 503), address_rate (ADDRESS_SUBSCRIPTION_RATE), address_bindings (MAX_BINDINGS_PER_ADDRESS), address_exchanges (MAX_EXCHANGES_PER_ADDRESS), subscriptions (MAX_SUBSCRIPTIONS), bindings (MAX_BROKER_BINDINGS), exchanges (MAX_EXCHANGES), pattern (MAX_PATTERN_WORDS or MAX_PATTERN_WILDCARDS), pending_per_address (MAX_PENDING_PER_ADDRESS), pending_connections (MAX_PENDING_CONNECTIONS), no_descriptors (the open-file limit, FD_RESERVE included, is reached); the address_connections and the last three get no event (a 503, or a closed connection), the others an error event",
                 ),
                 &["reason"],
-            )
-            .expect("valid metric"),
-            resumes: IntCounterVec::new(
+            ),
+            ),
+            resumes: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_resumes_total",
                     "Resumable clients that came back with their last event id, by outcome: replayed (every frame since was written), or the reason of their gap event: invalid-id, other-epoch (a restart or another replica), other-subscription, expired (older than the replay window)",
                 ),
                 &["outcome"],
-            )
-            .expect("valid metric"),
-            limit: IntGaugeVec::new(
+            ),
+            ),
+            limit: registered(
+                &registry,
+                IntGaugeVec::new(
                 Opts::new(
                     "events_gateway_limit",
                     "Configured limits, to compare with their gauges: connections_per_address, subscriptions (events_gateway_subscriptions), broker_bindings (events_gateway_broker_bindings), exchanges (events_gateway_exchanges), lingering_subscriptions (events_gateway_subscriptions_lingering), pending_connections (events_gateway_connections_pending), sockets (the open-file limit less FD_RESERVE; events_gateway_connections_open plus pending)",
                 ),
                 &["kind"],
-            )
-            .expect("valid metric"),
-            streams_blocked: IntGauge::new(
+            ),
+            ),
+            streams_blocked: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_streams_blocked",
                 "Streams whose socket did not take all of their last write (the client reads slowly or not at all); each keeps at most one write's worth and its place in the log",
-            )
-            .expect("valid metric"),
-            subscriptions: IntGauge::new(
+            ),
+            ),
+            subscriptions: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_subscriptions",
                 "Distinct binding sets currently subscribed (each one shared log of frames)",
-            )
-            .expect("valid metric"),
-            replay_bytes: IntGauge::new(
+            ),
+            ),
+            replay_bytes: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_replay_bytes",
                 "Bytes of frames in the logs of resumable subscriptions (their replay windows, and what their clients have still to write); the oldest replay frames go beyond REPLAY_MEMORY",
-            )
-            .expect("valid metric"),
-            replay_limit: IntGauge::new(
+            ),
+            ),
+            replay_limit: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_replay_limit_bytes",
                 "Configured REPLAY_MEMORY",
-            )
-            .expect("valid metric"),
-            subscriptions_lingering: IntGauge::new(
+            ),
+            ),
+            subscriptions_lingering: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_subscriptions_lingering",
                 "Resumable subscriptions with no client, kept for RESUME_GRACE for a reconnect (included in events_gateway_subscriptions; at most MAX_LINGERING_SUBSCRIPTIONS)",
-            )
-            .expect("valid metric"),
-            broker_connected: IntGauge::new(
+            ),
+            ),
+            broker_connected: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_broker_connected",
                 "1 while the AMQP connection is up, 0 otherwise",
-            )
-            .expect("valid metric"),
-            broker_reconnects: IntCounter::new(
+            ),
+            ),
+            broker_reconnects: registered(
+                &registry,
+                IntCounter::new(
                 "events_gateway_broker_reconnects_total",
                 "AMQP connections established after the first one",
-            )
-            .expect("valid metric"),
-            broker_connect_failures: IntCounterVec::new(
+            ),
+            ),
+            broker_connect_failures: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_broker_connect_failures_total",
                     "AMQP connections that failed, by stage: connect (an attempt failed or timed out), early_loss (a connection lost within 30 s of opening: the backoff keeps growing)",
                 ),
                 &["stage"],
-            )
-            .expect("valid metric"),
-            broker_backoff: Gauge::new(
+            ),
+            ),
+            broker_backoff: registered(
+                &registry,
+                Gauge::new(
                 "events_gateway_broker_backoff_seconds",
                 "The wait before the next AMQP connection attempt (0 while connected)",
-            )
-            .expect("valid metric"),
-            broker_queues: IntGauge::new(
+            ),
+            ),
+            broker_queues: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_broker_queues",
                 "Broker queues currently declared by this process (one per exchange in use)",
-            )
-            .expect("valid metric"),
-            broker_bindings: IntGauge::new(
+            ),
+            ),
+            broker_bindings: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_broker_bindings",
                 "Broker bindings currently in place (one per distinct exchange and pattern)",
-            )
-            .expect("valid metric"),
-            messages_received: IntCounter::new(
+            ),
+            ),
+            messages_received: registered(
+                &registry,
+                IntCounter::new(
                 "events_gateway_messages_received_total",
                 "Messages received from the broker",
-            )
-            .expect("valid metric"),
-            messages_delivered: IntCounter::new(
+            ),
+            ),
+            messages_delivered: registered(
+                &registry,
+                IntCounter::new(
                 "events_gateway_messages_delivered_total",
                 "Message frames handed to client streams (one per message per client)",
-            )
-            .expect("valid metric"),
-            messages_dropped: IntCounterVec::new(
+            ),
+            ),
+            messages_dropped: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_messages_dropped_total",
                     "Messages not delivered, by reason: slow_client (per client), malformed (body not UTF-8 JSON), unroutable (no client pattern matched), duplicate (a redelivery after a lost connection that clients already had)",
                 ),
                 &["reason"],
-            )
-            .expect("valid metric"),
-            uptime_start: Gauge::new(
+            ),
+            ),
+            uptime_start: registered(
+                &registry,
+                Gauge::new(
                 "events_gateway_start_time_seconds",
                 "Start time of the process since the Unix epoch",
-            )
-            .expect("valid metric"),
-            connections_limit: IntGauge::new(
+            ),
+            ),
+            connections_limit: registered(
+                &registry,
+                IntGauge::new(
                 "events_gateway_connections_limit",
                 "Configured MAX_CONNECTIONS: SSE connections this process accepts",
-            )
-            .expect("valid metric"),
-            http_errors: IntCounterVec::new(
+            ),
+            ),
+            http_errors: registered(
+                &registry,
+                IntCounterVec::new(
                 Opts::new(
                     "events_gateway_http_connection_errors_total",
                     "HTTP connections that ended with an error, by kind: header_timeout (request head not sent within HEADER_READ_TIMEOUT), head_too_large (over 64 KiB, answered 431), bad_request (unparsable), client_closed (the client went away, e.g. an SSE client leaving), stalled (a stream whose socket took no byte for STALL_TIMEOUT), unexpected_data (a stream's client sent more than 4 KiB), accept_failed (accept() failed, usually out of descriptors: the loop backs off), other",
                 ),
                 &["kind"],
-            )
-            .expect("valid metric"),
-            time_to_ready: Histogram::with_opts(
+            ),
+            ),
+            time_to_ready: registered(
+                &registry,
+                Histogram::with_opts(
                 HistogramOpts::new(
                     "events_gateway_time_to_ready_seconds",
                     "From a valid connect request to its ready event",
@@ -269,9 +261,11 @@ impl Metrics {
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0, 30.0,
                 ]),
-            )
-            .expect("valid metric"),
-            fanout_latency: Histogram::with_opts(
+            ),
+            ),
+            fanout_latency: registered(
+                &registry,
+                Histogram::with_opts(
                 HistogramOpts::new(
                     "events_gateway_fanout_latency_seconds",
                     "From a broker delivery reaching the gateway to its frame being handed to a client's connection (one observation per client)",
@@ -280,41 +274,10 @@ impl Metrics {
                     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02,
                     0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 1.0,
                 ]),
-            )
-            .expect("valid metric"),
+            ),
+            ),
             registry,
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.connections_open.clone()),
-            Box::new(m.connections_pending.clone()),
-            Box::new(m.connections_total.clone()),
-            Box::new(m.subscriptions.clone()),
-            Box::new(m.subscriptions_lingering.clone()),
-            Box::new(m.replay_bytes.clone()),
-            Box::new(m.replay_limit.clone()),
-            Box::new(m.streams_blocked.clone()),
-            Box::new(m.exchanges.clone()),
-            Box::new(m.refused.clone()),
-            Box::new(m.resumes.clone()),
-            Box::new(m.limit.clone()),
-            Box::new(m.broker_connected.clone()),
-            Box::new(m.broker_reconnects.clone()),
-            Box::new(m.broker_connect_failures.clone()),
-            Box::new(m.broker_backoff.clone()),
-            Box::new(m.broker_queues.clone()),
-            Box::new(m.broker_bindings.clone()),
-            Box::new(m.messages_received.clone()),
-            Box::new(m.messages_delivered.clone()),
-            Box::new(m.messages_dropped.clone()),
-            Box::new(m.uptime_start.clone()),
-            Box::new(m.connections_limit.clone()),
-            Box::new(m.http_errors.clone()),
-            Box::new(m.time_to_ready.clone()),
-            Box::new(m.fanout_latency.clone()),
-        ];
-        for c in collectors {
-            m.registry.register(c).expect("metric names are unique");
-        }
         #[cfg(target_os = "linux")]
         {
             let _ = m.registry.register(Box::new(
@@ -339,8 +302,8 @@ impl Metrics {
         for kind in LIMITS {
             m.limit.with_label_values(&[*kind]);
         }
-        for stage in ["connect", "early_loss"] {
-            m.broker_connect_failures.with_label_values(&[stage]);
+        for stage in BROKER_FAILURE_STAGES {
+            m.broker_connect_failures.with_label_values(&[*stage]);
         }
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -393,6 +356,19 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.families(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Registers `metric` in `registry` as it is made: every metric is named once (and listed
+/// once, in [`MetricsInner`]).
+fn registered<T>(registry: &Registry, metric: prometheus::Result<T>) -> T
+where
+    T: prometheus::core::Collector + Clone + 'static,
+{
+    let metric = metric.expect("valid metric");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
 }
 
 impl Default for Metrics {

@@ -2,32 +2,34 @@
 //! (one log of frames, one set of writers), whatever their number.
 //!
 //! Invariants enforced here:
-//! - a subscription exists exactly while at least one [`Client`] holds it: the count of
-//!   clients is changed only under the dashmap shard lock of its key (`entry()` to join,
+//! - a subscription exists while at least one [`Client`] holds it, and, if it is resumable,
+//!   for the grace period after its last client left (it lingers; see `linger`): the count
+//!   of clients is changed only under the dashmap shard lock of its key (`entry()` to join,
 //!   `remove_if()` to leave), so a client can never join a subscription that is being torn
 //!   down;
-//! - the last client to leave removes the subscription from the [`Topology`], which makes
-//!   the broker side drop bindings no one uses any more;
+//! - the subscription leaves the [`Topology`] when it goes from the map (its last client
+//!   left, or its grace period ended, or a live client needed its room), which makes the
+//!   broker side drop bindings no one uses any more;
+//! - what a client holds of its address's share is given back when it leaves, or kept
+//!   with a lingering subscription until that goes or a client holds it again;
 //! - a client reads every frame sent after it subscribed: its position in the
 //!   subscription's log is pinned from [`Registry::subscribe`] until its stream is
 //!   attached to a writer ([`Client::attach`]) or it leaves.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use tokio::sync::watch;
 
 use crate::binding::BindingSet;
 use crate::broker::Reconcile;
 use crate::message::Frame;
 use crate::metrics::Metrics;
-use crate::subscription::{Conn, Fanout, Gap, Lease, Subscription};
-use crate::topology::{BindError, BindState, Caps, Refusal, Topology};
+use crate::subscription::{Fanout, Lease, Subscription};
+use crate::topology::Topology;
 
 /// Every live subscription, keyed by its canonical binding set.
 pub struct Registry {
@@ -125,15 +127,7 @@ impl Registry {
         }
         let pinned_at = sub.pin();
         let statuses = self.topology.statuses(&sub);
-        Ok(Client {
-            member: Some(Member {
-                registry: self.clone(),
-                subscription: sub,
-                charge: None,
-            }),
-            pinned_at,
-            statuses,
-        })
+        Ok(Client::new(self.clone(), sub, pinned_at, statuses))
     }
 
     /// Joins the subscription for `key`, or creates it; returns it and the exchanges whose
@@ -175,7 +169,10 @@ impl Registry {
                 let sub = Arc::new(Subscription::new(key.clone(), self.fanout.clone()));
                 // Routed before the shard lock is released: a second client finding this
                 // subscription also finds its bindings in the topology.
-                let changed = self.topology.add(&sub, &self.caps)?;
+                let changed = self
+                    .topology
+                    .add(&sub, self.caps.room())
+                    .map_err(|full| self.caps.refusal(full))?;
                 v.insert(sub.clone());
                 self.count.fetch_add(1, Ordering::AcqRel);
                 self.metrics.subscriptions.inc();
@@ -357,104 +354,12 @@ impl std::fmt::Display for Abridged<'_> {
     }
 }
 
-/// A client's membership of a subscription; dropping it leaves the subscription (the
-/// last member to leave removes it).
-pub struct Member {
-    registry: Arc<Registry>,
-    subscription: Arc<Subscription>,
-    /// What the client holds of its address's share (see [`Client::charge`]).
-    charge: Option<Lease>,
-}
-
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.registry
-            .release(&self.subscription, self.charge.take());
-    }
-}
-
-/// A client that subscribed and is not streaming yet: its membership, its pinned position
-/// in the log, and the broker state of its bindings. Dropping it leaves the subscription.
-pub struct Client {
-    /// `None` once attached.
-    member: Option<Member>,
-    pinned_at: u64,
-    statuses: Vec<watch::Receiver<BindState>>,
-}
-
-impl Client {
-    /// The subscription joined.
-    pub fn subscription(&self) -> Option<&Arc<Subscription>> {
-        self.member.as_ref().map(|m| &m.subscription)
-    }
-
-    /// Holds `charge` (what the client holds of its address's share) with the membership:
-    /// given back when the client leaves, or kept by the subscription while it lingers.
-    pub fn charge(&mut self, charge: Lease) {
-        if let Some(member) = &mut self.member {
-            member.charge = Some(charge);
-        }
-    }
-
-    /// The log position the client reads from (every frame sent after it subscribed).
-    pub fn position(&self) -> u64 {
-        self.pinned_at
-    }
-
-    /// A resumable client that reconnects with `last_event_id`: it reads from just after
-    /// that position if the subscription still holds every frame since; otherwise it
-    /// stays live, and is told why.
-    pub fn resume(&mut self, last_event_id: &str) -> Result<(), Gap> {
-        let member = self.member.as_ref().ok_or(Gap::Invalid)?;
-        self.pinned_at = member.subscription.resume(self.pinned_at, last_event_id)?;
-        Ok(())
-    }
-
-    /// Hands the client's stream to the subscription's writers: `conn` builds it from the
-    /// membership (which it must hold for as long as it streams).
-    pub fn attach(mut self, conn: impl FnOnce(Member) -> Conn) {
-        if let Some(member) = self.member.take() {
-            let subscription = member.subscription.clone();
-            subscription.attach(conn(member), self.pinned_at);
-        }
-    }
-
-    /// Waits until the broker has confirmed every binding, or one was refused, or
-    /// `timeout` passed.
-    pub fn ready(
-        &self,
-        timeout: Duration,
-    ) -> impl Future<Output = Result<(), BindError>> + Send + 'static {
-        let mut statuses = self.statuses.clone();
-        async move {
-            let all = async {
-                for status in &mut statuses {
-                    let state = status
-                        .wait_for(|s| *s != BindState::Pending)
-                        .await
-                        .map_err(|_| BindError::Internal)?;
-                    if let BindState::Failed(err) = &*state {
-                        return Err(err.clone());
-                    }
-                }
-                Ok(())
-            };
-            tokio::time::timeout(timeout, all)
-                .await
-                .unwrap_or(Err(BindError::Timeout))
-        }
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        if let Some(member) = &self.member {
-            member.subscription.unpin(self.pinned_at);
-        }
-    }
-}
-
+mod caps;
+mod client;
 mod linger;
+
+pub use caps::{Caps, Refusal};
+pub use client::{Client, Member};
 #[cfg(test)]
 mod tests;
 

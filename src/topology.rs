@@ -13,11 +13,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::message::{Frame, Incoming};
 use crate::metrics::Metrics;
 use crate::subscription::Subscription;
 use crate::topic::TopicTrie;
@@ -33,58 +31,18 @@ pub enum BindState {
     Failed(BindError),
 }
 
-/// Global bounds on what clients may make the gateway (and the broker) hold.
+/// The topology's own bounds: the bindings and exchanges it may route at once.
 #[derive(Clone, Copy, Debug)]
-pub struct Caps {
-    /// Distinct subscriptions (binding sets) at once (MAX_SUBSCRIPTIONS).
-    pub max_subscriptions: usize,
-    /// Distinct (exchange, pattern) bindings at once, each one broker binding
-    /// (MAX_BROKER_BINDINGS).
+pub struct Room {
     pub max_bindings: usize,
-    /// Exchanges in use at once, each one queue, one reconciler and two AMQP channels
-    /// (MAX_EXCHANGES).
     pub max_exchanges: usize,
-    /// Resumable subscriptions lingering with no client at once
-    /// (MAX_LINGERING_SUBSCRIPTIONS); the oldest goes first.
-    pub max_lingering: usize,
 }
 
-impl Default for Caps {
-    fn default() -> Self {
-        Self {
-            max_subscriptions: 20_000,
-            max_bindings: 20_000,
-            max_exchanges: 200,
-            max_lingering: 2_000,
-        }
-    }
-}
-
-/// Why a new subscription was not created. `Display` is the text sent to clients.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    #[error("Too many new subscriptions from your address; try again in a few seconds")]
-    AddressRate,
-    #[error(
-        "This server has reached its limit of {0} distinct subscriptions; try again later, or use bindings other clients already use"
-    )]
-    Subscriptions(usize),
-    #[error("This server has reached its limit of {0} distinct bindings; try again later")]
-    Bindings(usize),
-    #[error("This server has reached its limit of {0} exchanges in use; try again later")]
-    Exchanges(usize),
-}
-
-impl Refusal {
-    /// The reason label of `events_gateway_refused_total`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Refusal::AddressRate => "address_rate",
-            Refusal::Subscriptions(_) => "subscriptions",
-            Refusal::Bindings(_) => "bindings",
-            Refusal::Exchanges(_) => "exchanges",
-        }
-    }
+/// A subscription's bindings would pass a bound of [`Room`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRoom {
+    Bindings,
+    Exchanges,
 }
 
 /// Why the broker refused a binding. `Display` is the text sent to clients.
@@ -157,9 +115,9 @@ impl Topology {
     }
 
     /// Routes a new subscription's bindings to it, unless the bindings or exchanges it
-    /// adds would pass `caps`. Returns the exchanges whose wanted bindings changed (the
+    /// adds would pass `room`. Returns the exchanges whose wanted bindings changed (the
     /// broker must reconcile them).
-    pub(crate) fn add(&self, sub: &Arc<Subscription>, caps: &Caps) -> Result<Vec<String>, Refusal> {
+    pub(crate) fn add(&self, sub: &Arc<Subscription>, room: Room) -> Result<Vec<String>, NoRoom> {
         let mut changed = Vec::new();
         let mut map = self.write();
         let (mut new_exchanges, mut new_bindings) = (Vec::new(), 0);
@@ -175,12 +133,12 @@ impl Topology {
                 Some(_) => {}
             }
         }
-        if map.len() + new_exchanges.len() > caps.max_exchanges {
-            return Err(Refusal::Exchanges(caps.max_exchanges));
+        if map.len() + new_exchanges.len() > room.max_exchanges {
+            return Err(NoRoom::Exchanges);
         }
         let bindings: usize = map.values().map(|ex| ex.bindings.len()).sum();
-        if bindings + new_bindings > caps.max_bindings {
-            return Err(Refusal::Bindings(caps.max_bindings));
+        if bindings + new_bindings > room.max_bindings {
+            return Err(NoRoom::Bindings);
         }
         for b in sub.bindings().iter() {
             let ex = map.entry(b.exchange.clone()).or_default();
@@ -260,8 +218,9 @@ impl Topology {
             .collect()
     }
 
-    /// Exchanges with at least one binding in use.
-    pub fn exchanges(&self) -> Vec<String> {
+    /// Exchanges with at least one binding in use (for tests).
+    #[cfg(test)]
+    pub(crate) fn exchanges(&self) -> Vec<String> {
         self.read().keys().cloned().collect()
     }
 
@@ -327,119 +286,6 @@ impl Topology {
             }
         }
     }
-
-    /// Sends one broker delivery to every subscription on `exchange` that it matches
-    /// (through its routing key or any `CC` entry), encoding its frame once.
-    /// Returns how many subscriptions it reached.
-    pub fn deliver(&self, exchange: &str, msg: &Incoming<'_>) -> usize {
-        let received = Instant::now();
-        self.metrics.messages_received.inc();
-        let mut targets: Vec<Arc<Subscription>> = Vec::new();
-        {
-            let map = self.read();
-            if let Some(ex) = map.get(exchange) {
-                let mut add = |s: &SubRef| targets.push(s.0.clone());
-                ex.trie.matches(msg.routing_key, &mut add);
-                for cc in &msg.cc {
-                    ex.trie.matches(cc, &mut add);
-                }
-            }
-        }
-        // A subscription matched by several of its patterns, or by the key and a CC
-        // entry, gets the message once.
-        dedup_by_identity(&mut targets);
-        if targets.is_empty() {
-            self.metrics.dropped("unroutable", 1);
-            return 0;
-        }
-        let frame = match msg.encode() {
-            Ok(bytes) => Frame::message(bytes, received),
-            Err(err) => {
-                self.metrics.dropped("malformed", 1);
-                log_malformed(exchange, msg.routing_key, &err);
-                return 0;
-            }
-        };
-        for sub in &targets {
-            sub.send(frame.clone());
-        }
-        targets.len()
-    }
 }
 
-impl Topology {
-    /// Tells every subscription bound on `exchange` that messages may have been missed:
-    /// the broker queue that feeds it was lost (deleted, expired during an outage, or
-    /// declared anew under another name). Plain streams get the original's comment,
-    /// resumable ones a `gap` event (`{"reason":"broker"}`).
-    pub fn missed(&self, exchange: &str) {
-        let frame = Frame::missed(crate::message::missed_comment(exchange));
-        self.broadcast_to_exchange(exchange, frame, |_| true);
-    }
-
-    /// Ends the streams of every subscription bound on `exchange` with an `error` event
-    /// (`text`): for clients already streaming when the broker refuses the exchange.
-    pub fn fail_streams(&self, exchange: &str, text: &str) {
-        let frame = Frame::end(crate::message::error_frame(text));
-        self.broadcast_to_exchange(exchange, frame, |_| true);
-    }
-
-    /// The broker refused one binding: the clients waiting for it get `err` (their
-    /// `ready` fails), and the streams of subscriptions that hold it end with it. Nothing
-    /// else on the exchange changes.
-    pub fn fail_binding(&self, exchange: &str, pattern: &str, err: BindError) {
-        let frame = Frame::end(crate::message::error_frame(&err.to_string()));
-        self.set_state(exchange, pattern, BindState::Failed(err));
-        self.broadcast_to_exchange(exchange, frame, |sub| {
-            sub.bindings()
-                .iter()
-                .any(|b| b.exchange == exchange && b.pattern == pattern)
-        });
-    }
-
-    /// Sends `frame` to every subscription bound on `exchange` that `to` accepts.
-    fn broadcast_to_exchange(
-        &self,
-        exchange: &str,
-        frame: Frame,
-        to: impl Fn(&Subscription) -> bool,
-    ) {
-        let mut targets: Vec<Arc<Subscription>> = Vec::new();
-        {
-            let map = self.read();
-            if let Some(ex) = map.get(exchange) {
-                ex.trie.for_each(&mut |s: &SubRef| {
-                    if to(&s.0) {
-                        targets.push(s.0.clone());
-                    }
-                });
-            }
-        }
-        dedup_by_identity(&mut targets);
-        for sub in targets {
-            sub.send(frame.clone());
-        }
-    }
-
-    /// Counts a redelivery skipped because its clients already had the message.
-    pub fn count_duplicate(&self) {
-        self.metrics.dropped("duplicate", 1);
-    }
-}
-
-/// Removes repeated subscriptions (by identity) in O(n log n): many subscriptions can
-/// match one message (every client set that includes `#`).
-fn dedup_by_identity(targets: &mut Vec<Arc<Subscription>>) {
-    if targets.len() > 1 {
-        targets.sort_unstable_by_key(|t| Arc::as_ptr(t) as usize);
-        targets.dedup_by(|a, b| Arc::ptr_eq(a, b));
-    }
-}
-
-/// Logs a malformed message at most once per second, with how many were suppressed.
-fn log_malformed(exchange: &str, routing_key: &str, err: &crate::message::MalformedBody) {
-    static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
-    if let Some(suppressed) = LIMITER.allow() {
-        tracing::warn!(exchange, routing_key, error = %err, suppressed, "dropped a message that is not UTF-8 JSON");
-    }
-}
+mod deliver;

@@ -1,7 +1,8 @@
 //! Unit tests of `admission`.
 
 use super::*;
-use warp::http::HeaderValue;
+use crate::binding::BindingSet;
+use warp::http::{HeaderMap, HeaderValue};
 
 fn admission(limits: AdmissionLimits) -> Arc<Admission> {
     Admission::new(limits, Metrics::new())

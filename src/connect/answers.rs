@@ -11,7 +11,7 @@ use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::{After, Request, Streams};
 use crate::admission::{Full, OverShare};
-use crate::topology::Refusal;
+use crate::registry::Refusal;
 use crate::wire::{self, LAST_CHUNK};
 
 /// A complete answer, and whether the connection may carry another request after it.

@@ -1,7 +1,11 @@
 //! Unit tests of `registry`.
 
+use std::time::Duration;
+
 use super::*;
 use crate::binding::Binding;
+use crate::subscription::Conn;
+use crate::topology::{BindError, BindState};
 use std::sync::Mutex;
 
 #[derive(Default)]

@@ -20,12 +20,14 @@ use bytes::Bytes;
 
 use super::cursor::{Cursor, Due, Window};
 use super::socket::Socket;
-use super::write::{MAX_FRAMES_PER_WRITE, MAX_PARTS, MAX_WRITE_BYTES, Parts, consume, keep_rest};
+use super::write::{
+    Framing, MAX_FRAMES_PER_WRITE, MAX_PARTS, MAX_WRITE_BYTES, Parts, Sent, consume, send_chunk,
+};
 use crate::message::{self, Frame, FrameKind, NO_ID};
 
 /// [`message::BROKER_GAP`] as shared bytes (a write borrows its parts).
 static BROKER_GAP: Bytes = Bytes::from_static(message::BROKER_GAP);
-use crate::wire::{self, CHUNK_END, LAST_CHUNK, Version};
+use crate::wire::Version;
 
 /// Bytes a streaming client may send (it has nothing to say) before it is dropped.
 const MAX_JUNK_BYTES: usize = 4096;
@@ -346,58 +348,16 @@ impl Conn {
         view: &PassView<'_>,
         parts: Parts<'_>,
     ) -> Result<(), Gone> {
-        let chunked = self.version.chunked();
-        let (head, head_len) = wire::chunk_head(parts.len);
-        let mut slices = [IoSlice::new(&[]); MAX_PARTS + 3];
-        let mut n = 0;
-        if chunked {
-            slices[n] = IoSlice::new(&head[..head_len]);
-            n += 1;
-        }
-        for part in parts.iter() {
-            slices[n] = IoSlice::new(part);
-            n += 1;
-        }
-        if chunked {
-            slices[n] = IoSlice::new(CHUNK_END);
-            n += 1;
-            if self.ending {
-                slices[n] = IoSlice::new(LAST_CHUNK);
-                n += 1;
-            }
-        }
-        let total: usize = slices[..n].iter().map(|s| s.len()).sum();
-        let written = match self.socket.send(&slices[..n]) {
-            Ok(written) => written,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(_) => return Err(Gone::Closed),
+        let framing = Framing {
+            chunked: self.version.chunked(),
+            last: self.ending,
         };
-        if written > 0 {
-            self.last_progress = view.now;
-        }
-        if written == total {
+        let sent = send_chunk(&self.socket, framing, &parts, &mut self.pending)
+            .map_err(|_| Gone::Closed)?;
+        // Progress, or the start of a wait for the socket to take the rest.
+        self.last_progress = view.now;
+        if sent == Sent::All {
             return Ok(());
-        }
-        // Keep the rest: shared slices of the frames, small copies of the rest.
-        let mut skip = written;
-        if chunked {
-            keep_rest(
-                &mut self.pending,
-                &mut skip,
-                Bytes::copy_from_slice(&head[..head_len]),
-            );
-        }
-        for (bytes, from, to) in parts.shared() {
-            keep_rest(&mut self.pending, &mut skip, bytes.slice(from..to));
-        }
-        if chunked {
-            keep_rest(&mut self.pending, &mut skip, Bytes::from_static(CHUNK_END));
-            if self.ending {
-                keep_rest(&mut self.pending, &mut skip, Bytes::from_static(LAST_CHUNK));
-            }
-        }
-        if written == 0 {
-            self.last_progress = view.now;
         }
         match self.socket.poll_write_ready(cx) {
             Poll::Ready(Err(_)) => Err(Gone::Closed),

@@ -2,8 +2,10 @@
 
 use super::*;
 use crate::binding::Binding;
+use crate::metrics::Metrics;
 use crate::testing::socket_pair;
 use bytes::Bytes;
+use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 fn subscription() -> Arc<Subscription> {

@@ -4,8 +4,9 @@
 //! The parts, one file each:
 //! - [`supervisor`] owns the connection: connects with capped, jittered exponential
 //!   backoff, publishes the live connection (with a generation number) on a `watch`
-//!   channel, and notices when it dies. lapin's own auto-recovery is not used (see
-//!   DEPENDENCIES.md): everything is rebuilt from the [`Topology`] instead;
+//!   channel, and notices when it dies. lapin's own auto-recovery is not used (it does
+//!   not recover channels, and its maintainer calls it young: lapin issues #312, #450):
+//!   everything is rebuilt from the [`Topology`] instead;
 //! - [`reconciler`]: one task per exchange in use makes the broker match
 //!   [`Topology::wanted`] (queue, bindings, consumer), on channels of its own so that a
 //!   refusal (404 closes the channel) fails only the subscriptions that asked for it;

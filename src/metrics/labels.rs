@@ -1,0 +1,71 @@
+//! The values each labelled metric may take: a small fixed set (nothing per client, per
+//! pattern or per exchange), every one registered at start so that its series exists
+//! before the first client arrives.
+
+/// Outcomes counted in `events_gateway_connections_total`.
+pub const OUTCOMES: &[&str] = &[
+    "ready",
+    "bad_input",
+    "broker_error",
+    "timeout",
+    "no_content",
+    "over_limit",
+    "draining",
+    "client_gone",
+    "over_address_limit",
+    "refused",
+];
+
+/// Reasons counted in `events_gateway_refused_total`: which limit refused a client.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "address_connections",
+    "address_rate",
+    "address_bindings",
+    "address_exchanges",
+    "subscriptions",
+    "bindings",
+    "exchanges",
+    "pattern",
+    "pending_per_address",
+    "pending_connections",
+    "no_descriptors",
+];
+
+/// Outcomes counted in `events_gateway_resumes_total`: a resumable client that came back
+/// with its last id was replayed, or started live after a `gap` for one of these reasons.
+pub const RESUME_OUTCOMES: &[&str] = &[
+    "replayed",
+    "invalid-id",
+    "other-epoch",
+    "other-subscription",
+    "expired",
+];
+
+/// Limits shown by `events_gateway_limit`.
+pub const LIMITS: &[&str] = &[
+    "connections_per_address",
+    "subscriptions",
+    "broker_bindings",
+    "exchanges",
+    "lingering_subscriptions",
+    "pending_connections",
+    "sockets",
+];
+
+/// Kinds counted in `events_gateway_http_connection_errors_total`.
+pub const HTTP_ERRORS: &[&str] = &[
+    "header_timeout",
+    "head_too_large",
+    "bad_request",
+    "client_closed",
+    "stalled",
+    "unexpected_data",
+    "accept_failed",
+    "other",
+];
+
+/// Reasons counted in `events_gateway_messages_dropped_total`.
+pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
+
+/// Stages counted in `events_gateway_broker_connect_failures_total`.
+pub const BROKER_FAILURE_STAGES: &[&str] = &["connect", "early_loss"];
