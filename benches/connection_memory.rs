@@ -55,10 +55,10 @@ fn main() {
     );
     println!(
         "per-connection parts (size_of): Conn {} B in its shard's Vec; lease (membership + admission slot) {} B, boxed",
-        std::mem::size_of::<events_gateway::subscription::Conn>(),
+        std::mem::size_of::<events_gateway::internals::Conn>(),
         std::mem::size_of::<(
-            events_gateway::registry::Member,
-            events_gateway::admission::Slot
+            events_gateway::internals::Member,
+            events_gateway::internals::Slot
         )>(),
     );
     drop(sockets);

@@ -3,7 +3,7 @@
 //! consumer's path; `ping_frame` is built once per client per ping interval.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use events_gateway::message::{Incoming, ping_frame};
+use events_gateway::internals::{Incoming, ping_frame};
 use std::hint::black_box;
 
 fn bench(c: &mut Criterion) {

@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use events_gateway::binding::{Binding, BindingSet};
-use events_gateway::broker::MemoryBroker;
-use events_gateway::message::Incoming;
-use events_gateway::metrics::Metrics;
-use events_gateway::registry::Caps;
-use events_gateway::registry::Registry;
-use events_gateway::subscription::{Fanout, StreamSettings};
-use events_gateway::topology::Topology;
+use events_gateway::Metrics;
+use events_gateway::Registry;
+use events_gateway::internals::Caps;
+use events_gateway::internals::Incoming;
+use events_gateway::internals::MemoryBroker;
+use events_gateway::internals::Topology;
+use events_gateway::internals::{Binding, BindingSet};
+use events_gateway::internals::{Fanout, StreamSettings};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout_one_message");

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use events_gateway::binding::{Binding, BindingSet};
-use events_gateway::broker::MemoryBroker;
-use events_gateway::metrics::Metrics;
-use events_gateway::registry::Caps;
-use events_gateway::registry::Registry;
-use events_gateway::subscription::{Fanout, StreamSettings};
-use events_gateway::topology::Topology;
+use events_gateway::Metrics;
+use events_gateway::Registry;
+use events_gateway::internals::Caps;
+use events_gateway::internals::MemoryBroker;
+use events_gateway::internals::Topology;
+use events_gateway::internals::{Binding, BindingSet};
+use events_gateway::internals::{Fanout, StreamSettings};
 
 fn set(pattern: &str) -> BindingSet {
     BindingSet::new(vec![Binding {

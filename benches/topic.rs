@@ -4,7 +4,7 @@
 //! busy Pulse deployment, 1k is Treeherder-like.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use events_gateway::topic::TopicTrie;
+use events_gateway::internals::TopicTrie;
 use std::hint::black_box;
 
 fn patterns(n: usize) -> Vec<String> {

@@ -254,6 +254,7 @@ impl Admission {
     }
 
     /// Addresses with state held now.
+    #[cfg(test)]
     pub fn addresses(&self) -> usize {
         self.addresses.len()
     }
@@ -262,7 +263,7 @@ impl Admission {
 mod forwarded;
 mod slot;
 
-pub use slot::{Share, Slot};
+pub use slot::Slot;
 
 #[cfg(test)]
 mod tests;

@@ -13,7 +13,7 @@ use lapin::uri::{AMQPScheme, AMQPUri};
 
 use crate::admission::AdmissionLimits;
 use crate::binding::Limits;
-use crate::broker::AmqpSettings;
+use crate::broker::{AmqpSettings, BrokerSettings, Demo};
 use crate::registry::Caps;
 use crate::subscription::{LogLimits, StreamSettings};
 
@@ -74,23 +74,6 @@ pub struct PendingLimits {
     pub max: usize,
     pub per_address: usize,
     pub fd_reserve: usize,
-}
-
-/// Which broker to use.
-#[derive(Clone, Debug)]
-pub enum BrokerSettings {
-    /// RabbitMQ or Pulse.
-    Amqp(Box<AmqpSettings>),
-    /// The in-process broker, optionally with the demo generator.
-    Embedded(Demo),
-}
-
-/// The demo generator of the embedded broker.
-#[derive(Clone, Debug)]
-pub struct Demo {
-    pub enabled: bool,
-    /// Messages per second.
-    pub rate: f64,
 }
 
 /// A setting that cannot be used. The text names the setting, never its secret value.

@@ -30,26 +30,50 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admission;
-pub mod binding;
-pub mod broker;
-pub mod config;
-pub mod connect;
-pub mod demo;
-pub mod http;
-pub mod manifest;
-pub mod message;
-pub mod metrics;
-pub mod page;
-pub mod registry;
-pub mod server;
-pub mod subscription;
-pub mod telemetry;
+mod admission;
+mod binding;
+mod broker;
+mod config;
+mod connect;
+
+mod http;
+mod manifest;
+mod message;
+mod metrics;
+mod page;
+mod registry;
+mod server;
+mod subscription;
+mod telemetry;
 #[cfg(test)]
 mod testing;
-pub mod topic;
-pub mod topology;
-pub mod wire;
+mod topic;
+mod topology;
+mod wire;
+
+// The public API: configure, start (or run) and stop a gateway, and look at it.
+pub use broker::Broker;
+pub use config::{Config, ConfigError};
+pub use manifest::manifest;
+pub use metrics::Metrics;
+pub use registry::Registry;
+pub use telemetry::init as init_logging;
+
+/// The gateway's insides, for the project's own benches and tests only: not an API, and
+/// any commit may change it.
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::admission::Slot;
+    pub use crate::binding::{Binding, BindingSet};
+    pub use crate::broker::MemoryBroker;
+    pub use crate::broker::demo::EXCHANGES as DEMO_EXCHANGES;
+    pub use crate::http::ROUTES;
+    pub use crate::message::{Incoming, ping_frame};
+    pub use crate::registry::{Caps, Member};
+    pub use crate::subscription::{Conn, Fanout, StreamSettings};
+    pub use crate::topic::TopicTrie;
+    pub use crate::topology::Topology;
+}
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,12 +82,6 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
-
-use crate::broker::{AmqpBroker, Broker, MemoryBroker};
-use crate::config::BrokerSettings;
-use crate::metrics::Metrics;
-use crate::registry::Registry;
 use crate::subscription::Fanout;
 use crate::topology::Topology;
 
@@ -89,31 +107,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let metrics = Metrics::new();
     let topology = Arc::new(Topology::new(metrics.clone()));
     let stop_demo = CancellationToken::new();
-    let broker = match &config.broker {
-        BrokerSettings::Amqp(settings) => Broker::Amqp(AmqpBroker::start(
-            (**settings).clone(),
-            &config.hostname,
-            topology.clone(),
-            metrics.clone(),
-        )),
-        BrokerSettings::Embedded(demo) => {
-            let broker = MemoryBroker::new(topology.clone());
-            metrics.broker_connected.set(1);
-            if demo.enabled {
-                tokio::spawn(demo::run(broker.clone(), demo.rate, stop_demo.clone()));
-            }
-            tracing::info!(
-                demo = demo.enabled,
-                "no broker configured: running on the embedded broker{}; to use RabbitMQ set AMQP_URL=amqp://user:password@host:5672/%2f, for Pulse set PULSE_HOSTNAME, PULSE_USERNAME and PULSE_PASSWORD",
-                if demo.enabled {
-                    " with demo task events"
-                } else {
-                    ""
-                }
-            );
-            Broker::Memory(broker)
-        }
-    };
+    let broker = Broker::start(
+        &config.broker,
+        &config.hostname,
+        topology.clone(),
+        metrics.clone(),
+        stop_demo.clone(),
+    );
     let draining = CancellationToken::new();
     let fanout = Fanout::new(config.stream.clone(), metrics.clone());
     let registry = Arc::new(Registry::new(
@@ -151,11 +151,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         settings: config.stream.clone(),
-        cors_origin: cors_origin.clone(),
         draining: draining.clone(),
     });
     let state = Arc::new(http::State {
         registry: registry.clone(),
+        streams: streams.clone(),
         broker: broker.clone(),
         metrics: metrics.clone(),
         cors_origin,
@@ -254,12 +254,9 @@ impl Running {
         // Keep answering for a moment: health checks see 503 and new connects get 503 (not
         // "connection refused") while every stream ends with its reconnect frame.
         let linger = DRAIN_LINGER.min(self.grace / 2);
-        let open = self.metrics.connections_open.clone();
-        let streams_done = async {
-            while open.get() > 0 {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        };
+        // Every stream ends with its reconnect frame; its writer task with its last stream.
+        self.fanout.tasks.close();
+        let streams_done = self.fanout.tasks.wait();
         let _ = tokio::join!(
             tokio::time::sleep(linger),
             tokio::time::timeout(self.grace / 2, streams_done)

@@ -25,12 +25,12 @@ async fn main() {
     };
     if config.print_manifest {
         use std::io::Write;
-        let manifest = events_gateway::manifest::manifest(&config);
+        let manifest = events_gateway::manifest(&config);
         // A closed pipe (`| head`) is not worth a panic.
         let _ = writeln!(std::io::stdout(), "{manifest:#}");
         return;
     }
-    events_gateway::telemetry::init(&config.log_level, config.log_json, &config.hostname);
+    events_gateway::init_logging(&config.log_level, config.log_json, &config.hostname);
     if let Err(err) = events_gateway::run(config, shutdown_signal()).await {
         tracing::error!("{err:#}");
         std::process::exit(1);

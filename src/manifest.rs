@@ -7,7 +7,8 @@
 use clap::CommandFactory;
 use serde_json::{Value, json};
 
-use crate::config::{Args, BrokerSettings, Config, HOSTNAME_ENV};
+use crate::broker::BrokerSettings;
+use crate::config::{Args, Config, HOSTNAME_ENV};
 use crate::metrics::{
     DROP_REASONS, HTTP_ERRORS, LIMITS, Metrics, OUTCOMES, REFUSAL_REASONS, RESUME_OUTCOMES,
 };

@@ -95,6 +95,26 @@ impl Frame {
 /// The id line every frame of the original protocol ends with.
 pub const NO_ID: &[u8] = b"id: -\n\n";
 
+/// How many bytes of a frame come before its `id: -` line: a resumable stream writes
+/// those, then an id line of its own ([`id_line`]).
+pub fn before_id(frame: &[u8]) -> usize {
+    debug_assert!(frame.ends_with(NO_ID), "a frame of the original protocol");
+    frame.len().saturating_sub(NO_ID.len())
+}
+
+/// The id line that ends a frame of a resumable stream (and the frame itself).
+pub fn id_line(id: &str) -> Bytes {
+    Bytes::from(format!("id: {id}\n\n"))
+}
+
+/// `frame` with its `id: -` line replaced by `id_line`.
+pub fn with_id(frame: &[u8], id_line: &[u8]) -> Bytes {
+    let mut own = Vec::with_capacity(frame.len() + id_line.len());
+    own.extend_from_slice(&frame[..before_id(frame)]);
+    own.extend_from_slice(id_line);
+    Bytes::from(own)
+}
+
 /// The `ready` frame (data `{}`), the same for everyone.
 pub const READY: &[u8] = b"event: ready\ndata: {}\nid: -\n\n";
 

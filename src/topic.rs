@@ -191,6 +191,7 @@ fn walk<'a, V>(
 }
 
 /// A direct, slow implementation of the same semantics, for tests and fuzzing.
+#[cfg(test)]
 pub fn reference_match(pattern: &str, key: &str) -> bool {
     fn go(p: &[&str], k: &[&str]) -> bool {
         match p.split_first() {

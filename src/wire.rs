@@ -43,8 +43,6 @@ impl Version {
 #[derive(Debug)]
 pub struct RequestHead {
     pub version: Version,
-    /// The path, without the query.
-    pub path: String,
     /// The raw query string (without `?`), if any.
     pub query: Option<String>,
     pub headers: HeaderMap,
@@ -105,11 +103,11 @@ pub fn push_chunk(out: &mut Vec<u8>, version: Version, data: &[u8]) {
     }
 }
 
-/// The head of a `200 text/event-stream` response with `headers` (the common ones and
-/// the stream's own), a `date`, and the framing of `version`.
-pub fn stream_head(version: Version, headers: &HeaderMap) -> Vec<u8> {
+/// The head of a `text/event-stream` response with `headers`, a `date`, and the framing
+/// of `version` (chunked on HTTP/1.1; on HTTP/1.0 the body ends with the connection).
+pub fn stream_head(version: Version, status: StatusCode, headers: &HeaderMap) -> Vec<u8> {
     let mut out = Vec::with_capacity(640);
-    out.extend_from_slice(version.status_line(StatusCode::OK).as_bytes());
+    out.extend_from_slice(version.status_line(status).as_bytes());
     push_headers(&mut out, headers);
     if version.chunked() {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -155,27 +153,49 @@ fn push_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Every response's headers, in the order Taskcluster's lib-api writes them (see the
+/// transcripts): the security headers, the CORS ones (unless `cors_origin` is `None`: a
+/// same-origin-only route), then the response's `own` (its own content security policy,
+/// if it has one, replaces the one that allows nothing).
+pub fn headers(own: HeaderMap, cors_origin: Option<&HeaderValue>) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(own.len() + 8);
+    add_security_headers(&mut h);
+    if let Some(cors_origin) = cors_origin {
+        add_cors_headers(&mut h, cors_origin);
+    }
+    let mut last = None;
+    for (name, value) in own {
+        // Names come once each; a name with several values comes with `None` after it.
+        let name = name.or_else(|| last.clone());
+        if let Some(name) = name {
+            if h.contains_key(&name) && last.as_ref() != Some(&name) {
+                h.insert(name.clone(), value);
+            } else {
+                h.append(name.clone(), value);
+            }
+            last = Some(name);
+        }
+    }
+    h
+}
+
 /// The security headers of every response, CORS aside: a content security policy that
 /// allows nothing (unless the response has its own), and no MIME sniffing.
-pub fn add_security_headers(h: &mut HeaderMap) {
-    // The page sets its own policy (see `page`); everything else allows nothing.
-    if !h.contains_key("content-security-policy") {
-        h.insert(
-            "content-security-policy",
-            HeaderValue::from_static(
-                "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
-            ),
-        );
-    }
+fn add_security_headers(h: &mut HeaderMap) {
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "report-uri /__cspreport__;default-src 'none';frame-ancestors 'none';",
+        ),
+    );
     h.insert(
         "x-content-type-options",
         HeaderValue::from_static("nosniff"),
     );
 }
 
-/// The headers Taskcluster's lib-api puts on every response (see the transcripts).
-pub fn add_common_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
-    add_security_headers(h);
+/// The CORS headers Taskcluster's lib-api puts on every response.
+fn add_cors_headers(h: &mut HeaderMap, cors_origin: &HeaderValue) {
     h.insert("access-control-allow-origin", cors_origin.clone());
     h.insert("access-control-max-age", HeaderValue::from_static("900"));
     h.insert(
@@ -215,13 +235,15 @@ mod tests {
             "content-type",
             HeaderValue::from_static("text/event-stream"),
         );
-        let head = String::from_utf8(stream_head(Version::Http11, &headers)).expect("ASCII");
+        let head = String::from_utf8(stream_head(Version::Http11, StatusCode::OK, &headers))
+            .expect("ASCII");
         assert!(head.starts_with("HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ndate: "));
         assert!(
             head.ends_with("GMT\r\ntransfer-encoding: chunked\r\n\r\n"),
             "{head}"
         );
-        let head = String::from_utf8(stream_head(Version::Http10, &headers)).expect("ASCII");
+        let head = String::from_utf8(stream_head(Version::Http10, StatusCode::OK, &headers))
+            .expect("ASCII");
         assert!(head.starts_with("HTTP/1.0 200 OK\r\n") && head.ends_with("GMT\r\n\r\n"));
 
         let answer = response(Version::Http11, StatusCode::NO_CONTENT, &headers, b"", true);

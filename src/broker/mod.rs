@@ -5,13 +5,36 @@
 //! [`Topology`]: crate::topology::Topology
 
 pub mod amqp;
+pub mod demo;
 pub mod memory;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 pub use amqp::{AmqpBroker, AmqpSettings};
 pub use memory::MemoryBroker;
+
+use crate::metrics::Metrics;
+use crate::topology::Topology;
+
+/// Which broker to use.
+#[derive(Clone, Debug)]
+pub enum BrokerSettings {
+    /// RabbitMQ or Pulse.
+    Amqp(Box<AmqpSettings>),
+    /// The in-process broker, optionally with the demo generator.
+    Embedded(Demo),
+}
+
+/// The demo generator of the embedded broker.
+#[derive(Clone, Debug)]
+pub struct Demo {
+    pub enabled: bool,
+    /// Messages per second.
+    pub rate: f64,
+}
 
 /// What the registry tells the broker side: the bindings wanted on `exchange` changed.
 /// Implementations must not block: they only schedule the work.
@@ -27,6 +50,43 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// Starts the broker side `settings` name, feeding `topology`: the AMQP connection's
+    /// supervisor, or the embedded broker and its demo generator (which `stop_demo`
+    /// stops). `hostname` (the pod's, may be empty) goes into queue names.
+    pub fn start(
+        settings: &BrokerSettings,
+        hostname: &str,
+        topology: Arc<Topology>,
+        metrics: Metrics,
+        stop_demo: CancellationToken,
+    ) -> Self {
+        match settings {
+            BrokerSettings::Amqp(settings) => Broker::Amqp(AmqpBroker::start(
+                (**settings).clone(),
+                hostname,
+                topology,
+                metrics,
+            )),
+            BrokerSettings::Embedded(demo) => {
+                let broker = MemoryBroker::new(topology);
+                metrics.broker_connected.set(1);
+                if demo.enabled {
+                    tokio::spawn(demo::run(broker.clone(), demo.rate, stop_demo));
+                }
+                tracing::info!(
+                    demo = demo.enabled,
+                    "no broker configured: running on the embedded broker{}; to use RabbitMQ set AMQP_URL=amqp://user:password@host:5672/%2f, for Pulse set PULSE_HOSTNAME, PULSE_USERNAME and PULSE_PASSWORD",
+                    if demo.enabled {
+                        " with demo task events"
+                    } else {
+                        ""
+                    }
+                );
+                Broker::Memory(broker)
+            }
+        }
+    }
+
     /// The registry's handle on it.
     pub fn reconciler(&self) -> Arc<dyn Reconcile> {
         match self {

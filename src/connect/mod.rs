@@ -1,40 +1,46 @@
-//! A connect request (`GET /api/events/v1/connect/?bindings=…`) on a socket the server
-//! loop hands over after reading its head: the original's answers to a reconnecting
+//! A connect request (`GET /api/events/v1/connect/?bindings=…`). The connect route (in
+//! the route table, `http`) gives every answer: the original's answers to a reconnecting
 //! client (204), a draining server (a reconnect frame), a full server (503) and bad input
-//! (an `error` event); otherwise the stream: the response head at once, `ready` once the
-//! broker confirmed every binding, then the socket goes to the subscription's writers.
+//! (an `error` event), or a stream's head. The server loop reads the request head itself,
+//! asks the route table for the answer, and writes it ([`Streams::deliver`]); a stream's
+//! body after its head belongs to the subscription's writers (see `opening`).
 //!
 //! Invariants:
 //! - the response head is written before anything waits on the broker;
 //! - the client's position in the subscription's log is taken when it subscribes, so a
 //!   frame sent while it waits for `ready` is written after `ready`, not lost;
-//! - no write here waits longer than the stall timeout on a client that does not read;
-//! - a client that leaves, or a gateway that drains, while the stream waits for `ready`
-//!   ends the wait at once.
+//! - a stream that subscribes as the gateway starts draining still gets the reconnect
+//!   frame (the draining token is looked at after its position is taken);
+//! - no write here waits longer than the stall timeout on a client that does not read.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod answers;
+mod opening;
 #[cfg(test)]
 mod tests;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
+use http_body_util::BodyExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use warp::http::HeaderValue;
+use warp::http::{HeaderMap, header};
+use warp::reply::Response;
 
-use crate::admission::{Admission, Slot};
+use crate::admission::{Admission, Full};
 use crate::binding::{self, Limits};
 use crate::message::{self, READY};
 use crate::metrics::Metrics;
 use crate::registry::{Client, Registry};
-use crate::subscription::{Conn, Lease, StreamSettings};
-use crate::topology::BindError;
-use crate::wire::{self, RequestHead, Version};
-use answers::{Answer, Refused, client_gone, log_refusal};
+use crate::subscription::StreamSettings;
+use crate::wire::{self, LAST_CHUNK, Version};
+use answers::{Refused, log_refusal};
+pub use opening::Handoff;
+use opening::Opening;
 
 /// What connect requests share.
 pub struct Streams {
@@ -43,9 +49,18 @@ pub struct Streams {
     pub metrics: Metrics,
     pub limits: Limits,
     pub settings: StreamSettings,
-    pub cors_origin: HeaderValue,
     /// Cancelled when the process starts draining.
     pub draining: CancellationToken,
+}
+
+/// How the server loop marks a connect request it read itself (only such a request can
+/// become a stream): who sent it and how.
+#[derive(Clone, Copy, Debug)]
+pub struct FromLoop {
+    pub peer: SocketAddr,
+    pub version: Version,
+    /// It came within the descriptor reserve: a 503, whatever it asks.
+    pub full: bool,
 }
 
 /// What becomes of the connection after a connect request.
@@ -56,69 +71,53 @@ pub enum After {
     Done,
 }
 
-/// The reason a stream ended before `ready`.
-enum Waited {
-    Ready,
-    Refused(BindError),
-    Draining,
-    ClientGone,
-}
-
-/// What a connect request asked for, beyond its bindings.
-struct Request {
-    version: Version,
-    /// The connection may carry another request after a short answer.
-    reusable: bool,
-    /// `resume=1`: a resumable stream.
-    resumable: bool,
-    last_event_id: Option<String>,
-}
-
 /// A client admitted to stream: its slot, its subscription, and its connection's span.
 struct Admitted {
-    slot: Slot,
+    slot: crate::admission::Slot,
     client: Client,
     span: tracing::Span,
     connected_at: Instant,
 }
 
+/// What a connect request asked for, beyond its bindings.
+struct Request<'a> {
+    peer: SocketAddr,
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+    /// `resume=1`: a resumable stream.
+    resumable: bool,
+    last_event_id: Option<String>,
+}
+
 impl Streams {
-    /// Serves one connect request on `socket`: an early answer, a refusal, or a stream.
-    pub async fn serve(&self, socket: TcpStream, head: RequestHead, peer: SocketAddr) -> After {
+    /// The connect route's answer to a request the server loop read (see [`FromLoop`]):
+    /// a complete answer, or a stream's head with its [`Handoff`] in its extensions.
+    pub fn answer(&self, from: FromLoop, query: Option<&str>, headers: &HeaderMap) -> Response {
+        if from.full {
+            self.metrics.connection("over_limit");
+            return answers::full("This server has reached its connection limit; try again later.");
+        }
         let req = Request {
-            version: head.version,
-            reusable: head.keep_alive() && !head.has_body(),
-            resumable: binding::query_flag(head.query.as_deref(), "resume"),
-            last_event_id: head
-                .headers
+            peer: from.peer,
+            query,
+            headers,
+            resumable: binding::query_flag(query, "resume"),
+            last_event_id: headers
                 .get("last-event-id")
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned()),
         };
         if let Some(answer) = self.early_answer(&req) {
-            return self.answer(socket, answer).await;
+            return answer;
         }
-        match self.admit(&head, &req, peer) {
-            Ok(admitted) => self.open(socket, &req, admitted, peer).await,
-            Err(answer) => self.answer(socket, answer).await,
+        match self.admit(&req) {
+            Ok(opening) => self.open(&req, opening),
+            Err(answer) => *answer,
         }
-    }
-
-    /// Answers 503 (the server is at its limit) to a connect request that arrived within
-    /// the descriptor reserve (see the server's gate), and closes.
-    pub async fn serve_full(&self, socket: TcpStream, head: RequestHead) {
-        let req = Request {
-            version: head.version,
-            reusable: false,
-            resumable: false,
-            last_event_id: None,
-        };
-        let answer = self.full(&req, crate::admission::Full::Process);
-        self.answer(socket, answer).await;
     }
 
     /// Answers that need no slot: 204 to a client that must not come back, and a
     /// reconnect frame from a draining gateway.
-    fn early_answer(&self, req: &Request) -> Option<Answer> {
+    fn early_answer(&self, req: &Request<'_>) -> Option<Response> {
         // The original gives up reconnecting clients this way: every event has `id: -`,
         // so an EventSource that lost its stream comes back with `Last-Event-Id` and gets
         // 204, after which it stops for good. A resumable stream resumes instead, unless
@@ -129,44 +128,41 @@ impl Streams {
             .is_some_and(|id| !req.resumable || id == "-");
         if stop {
             self.metrics.connection("no_content");
-            return Some(self.no_content(req));
+            return Some(answers::no_content());
         }
         if self.draining.is_cancelled() {
             // Not a 503: EventSource gives up for good on any non-200 answer. The
             // reconnect frame sends the browser elsewhere (another replica) after a
             // jittered delay.
             self.metrics.connection("draining");
-            return Some(self.short_stream(req, &message::drain_frame(req.resumable)));
+            return Some(answers::stream(message::drain_frame(req.resumable)));
         }
         None
     }
 
     /// Takes a slot for the client's address, parses its bindings, counts them against
-    /// its address's share, and subscribes. Any refusal is a complete answer.
-    fn admit(
-        &self,
-        head: &RequestHead,
-        req: &Request,
-        peer: SocketAddr,
-    ) -> Result<Admitted, Answer> {
-        let client_addr = self.admission.client_address(peer.ip(), &head.headers);
+    /// its address's share, and subscribes. Any refusal is a complete answer (boxed: an
+    /// answer is large, and most requests are admitted).
+    fn admit(&self, req: &Request<'_>) -> Result<Admitted, Box<Response>> {
+        let peer = req.peer;
+        let client_addr = self.admission.client_address(peer.ip(), req.headers);
         let mut slot = self
             .admission
             .try_take(client_addr)
-            .map_err(|full| self.full(req, full))?;
-        let set = binding::parse_query(head.query.as_deref(), &self.limits).map_err(|err| {
+            .map_err(|full| Box::new(self.full(full)))?;
+        let set = binding::parse_query(req.query, &self.limits).map_err(|err| {
             self.metrics.connection("bad_input");
             if err.is_pattern_limit() {
                 self.metrics.refused("pattern");
             }
             tracing::debug!(%peer, error = %err, "refused bindings");
-            self.short_stream(req, &message::error_frame(&err.to_string()))
+            Box::new(answers::stream(message::error_frame(&err.to_string())))
         })?;
         let refused = |refusal: &dyn Refused| {
             self.metrics.connection("refused");
             self.metrics.refused(refusal.reason());
             log_refusal(refusal, client_addr);
-            self.short_stream(req, &message::error_frame(&refusal.to_string()))
+            Box::new(answers::stream(message::error_frame(&refusal.to_string())))
         };
         slot.hold(&set).map_err(|over| refused(&over))?;
         let span = tracing::info_span!("connection", %peer, bindings = set.len());
@@ -189,16 +185,25 @@ impl Streams {
         })
     }
 
-    /// The stream: its head at once (with `ready` when the bindings are already bound,
-    /// and a resumable stream's `gap`), `ready` once the broker confirmed them, then the
-    /// socket goes to the subscription's writers.
-    async fn open(
-        &self,
-        mut socket: TcpStream,
-        req: &Request,
-        admitted: Admitted,
-        peer: SocketAddr,
-    ) -> After {
+    /// A 503: a connection limit is reached.
+    fn full(&self, full: Full) -> Response {
+        let message = match full {
+            Full::Process => {
+                self.metrics.connection("over_limit");
+                "This server has reached its connection limit; try again later."
+            }
+            Full::Address => {
+                self.metrics.connection("over_address_limit");
+                self.metrics.refused("address_connections");
+                "Too many connections from your address; close some, or try again later."
+            }
+        };
+        answers::full(message)
+    }
+
+    /// The stream's head: with `ready` when the bindings are already bound, and a
+    /// resumable stream's `gap`; the rest goes with the [`Handoff`].
+    fn open(&self, req: &Request<'_>, admitted: Admitted) -> Response {
         let Admitted {
             slot,
             mut client,
@@ -211,89 +216,44 @@ impl Streams {
             // position was taken: either the drain is seen here, or it began later and
             // its marker is in the log after that position.
             self.metrics.connection("draining");
-            drop(client);
-            let drain = self.short_stream(req, &message::drain_frame(req.resumable));
-            return self.answer(socket, drain).await;
+            return answers::stream(message::drain_frame(req.resumable));
         }
         let (ready_frame, gap_frame) = match req.resumable {
             true => self.resume(&mut client, req.last_event_id.as_deref()),
             false => (Bytes::from_static(READY), None),
         };
-        let mut ready = Box::pin(client.ready(self.settings.ready_timeout));
-        let immediate = ready.as_mut().now_or_never();
-        let ready_now = matches!(immediate, Some(Ok(())));
-        let mut out = wire::stream_head(req.version, &self.stream_headers());
-        if let Some(gap) = &gap_frame {
-            wire::push_chunk(&mut out, req.version, gap);
+        let mut ready: opening::Ready = Box::pin(client.ready(self.settings.ready_timeout));
+        let mut frames = BytesMut::new();
+        if let Some(gap) = gap_frame {
+            frames.extend_from_slice(&gap);
         }
-        if ready_now {
-            wire::push_chunk(&mut out, req.version, &ready_frame);
-        }
-        if !self.write(&mut socket, &out).await {
-            self.metrics.connection("client_gone");
-            return After::Done;
-        }
-        let waited = match immediate {
-            Some(Ok(())) => Waited::Ready,
-            Some(Err(err)) => Waited::Refused(err),
-            None => self.wait_ready(&mut socket, ready).await,
-        };
-        match waited {
-            Waited::Ready => {
-                if !ready_now {
-                    let mut out = Vec::new();
-                    wire::push_chunk(&mut out, req.version, &ready_frame);
-                    if !self.write(&mut socket, &out).await {
-                        self.metrics.connection("client_gone");
-                        return After::Done;
-                    }
-                }
-                tracing::debug!(parent: &span, "ready");
-                self.metrics.connection("ready");
-                self.metrics
-                    .time_to_ready
-                    .observe(connected_at.elapsed().as_secs_f64());
-                self.stream(client, socket, peer, req, slot);
-                After::Done
+        let ready = match ready.as_mut().now_or_never() {
+            Some(Ok(())) => {
+                frames.extend_from_slice(&ready_frame);
+                None
             }
-            Waited::Refused(err) => {
+            Some(Err(err)) => {
+                // Refused at once: the stream is that error.
                 tracing::debug!(parent: &span, error = %err, "ended with an error");
-                self.metrics.connection(match err {
-                    BindError::Timeout => "timeout",
-                    _ => "broker_error",
-                });
-                drop(client);
-                let end = self.end_stream(req, &message::error_frame(&err.to_string()));
-                self.answer(socket, end).await
+                self.metrics.connection("broker_error");
+                frames.extend_from_slice(&message::error_frame(&err.to_string()));
+                return answers::stream(frames.freeze());
             }
-            Waited::Draining => {
-                self.metrics.connection("draining");
-                drop(client);
-                let end = self.end_stream(req, &message::drain_frame(req.resumable));
-                self.answer(socket, end).await
-            }
-            Waited::ClientGone => {
-                tracing::debug!(parent: &span, "client left before ready");
-                self.metrics.connection("client_gone");
-                After::Done
-            }
-        }
-    }
-
-    /// Waits for `ready`, a drain, or the client leaving, whichever comes first.
-    async fn wait_ready(
-        &self,
-        socket: &mut TcpStream,
-        ready: std::pin::Pin<Box<impl Future<Output = Result<(), BindError>>>>,
-    ) -> Waited {
-        tokio::select! {
-            result = ready => match result {
-                Ok(()) => Waited::Ready,
-                Err(err) => Waited::Refused(err),
-            },
-            () = self.draining.cancelled() => Waited::Draining,
-            () = client_gone(socket) => Waited::ClientGone,
-        }
+            None => Some(ready),
+        };
+        let opening = Opening {
+            slot,
+            client,
+            span,
+            connected_at,
+            resumable: req.resumable,
+            reusable: false,
+            ready_frame,
+            ready,
+        };
+        let mut resp = answers::stream(frames.freeze());
+        resp.extensions_mut().insert(Handoff::new(opening));
+        resp
     }
 
     /// A resumable stream: its subscription keeps a replay window from now on; with a
@@ -323,21 +283,81 @@ impl Streams {
         (message::ready_frame_at(&at.id()), gap)
     }
 
-    /// Hands the stream to the subscription's writers.
-    fn stream(
+    /// Writes the route's answer to a request the server loop read, with the framing of
+    /// `version`: a complete answer (the connection stays for another request if
+    /// `reusable` and its framing allows), or a stream's head, after which the stream
+    /// goes on (see `opening`).
+    pub async fn deliver(
         &self,
-        client: Client,
-        socket: TcpStream,
-        peer: SocketAddr,
-        req: &Request,
-        slot: Slot,
-    ) {
-        let (version, resumable) = (req.version, req.resumable);
-        let next_ping = Instant::now() + self.settings.ping_interval;
-        let next = client.position();
-        client.attach(|member| {
-            let lease: Lease = Box::new((member, slot));
-            Conn::new(socket, peer, version, resumable, next, next_ping, lease)
-        });
+        mut socket: TcpStream,
+        from: FromLoop,
+        reusable: bool,
+        mut resp: Response,
+    ) -> After {
+        let version = from.version;
+        let handoff = resp.extensions_mut().remove::<Handoff>();
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let stall = self.settings.stall_timeout;
+        let is_stream = parts.headers.get(header::CONTENT_TYPE)
+            == Some(&header::HeaderValue::from_static("text/event-stream"));
+        if !is_stream {
+            let bytes = wire::response(version, parts.status, &parts.headers, &body, reusable);
+            if !write_within(&mut socket, &bytes, stall).await {
+                return After::Done;
+            }
+            return after_answer(socket, reusable).await;
+        }
+        let mut out = wire::stream_head(version, parts.status, &parts.headers);
+        match handoff.and_then(|h| h.take()) {
+            Some(mut opening) => {
+                wire::push_chunk(&mut out, version, &body);
+                if !write_within(&mut socket, &out, stall).await {
+                    self.metrics.connection("client_gone");
+                    return After::Done;
+                }
+                opening.reusable = reusable;
+                opening.run(self, socket, from.peer, version).await
+            }
+            None => {
+                out.extend_from_slice(&end_of_stream(version, &body));
+                if !write_within(&mut socket, &out, stall).await {
+                    return After::Done;
+                }
+                after_answer(socket, reusable && version.chunked()).await
+            }
+        }
+    }
+}
+
+/// `frame` as the last of a stream whose head was written, then the end of its body.
+fn end_of_stream(version: Version, frame: &[u8]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    wire::push_chunk(&mut bytes, version, frame);
+    if version.chunked() {
+        bytes.extend_from_slice(LAST_CHUNK);
+    }
+    bytes
+}
+
+/// Writes `bytes` within `timeout`. Returns whether it did.
+async fn write_within(socket: &mut TcpStream, bytes: &[u8], timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, socket.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// After a complete answer: the connection carries another request if `keep`, or closes.
+async fn after_answer(mut socket: TcpStream, keep: bool) -> After {
+    if keep {
+        After::KeepAlive(socket)
+    } else {
+        let _ = socket.shutdown().await;
+        After::Done
     }
 }

@@ -33,7 +33,6 @@ fn streams() -> Streams {
         metrics,
         limits: config.limits,
         settings: config.stream,
-        cors_origin: HeaderValue::from_static("*"),
         draining: CancellationToken::new(),
     }
 }
@@ -51,34 +50,35 @@ async fn read_to_end(client: &mut tokio::net::TcpStream) -> String {
 #[tokio::test]
 async fn a_stream_that_subscribes_as_the_drain_begins_still_ends_with_the_reconnect_frame() {
     let streams = streams();
-    let head = RequestHead {
-        version: Version::Http10,
-        path: "/api/events/v1/connect/".to_owned(),
-        query: Some(
-            "bindings=%7B%22bindings%22%3A%5B%7B%22exchange%22%3A%22exchange%2Fx%22%2C%22routingKeyPattern%22%3A%22%23%22%7D%5D%7D".to_owned(),
-        ),
-        headers: HeaderMap::new(),
-    };
+    let query = "bindings=%7B%22bindings%22%3A%5B%7B%22exchange%22%3A%22exchange%2Fx%22%2C%22routingKeyPattern%22%3A%22%23%22%7D%5D%7D";
+    let headers = HeaderMap::new();
+    let (server, mut client) = socket_pair().await;
+    let peer = server.peer_addr().expect("peer");
     let req = Request {
-        version: head.version,
-        reusable: false,
+        peer,
+        query: Some(query),
+        headers: &headers,
         resumable: false,
         last_event_id: None,
     };
-    let (server, mut client) = socket_pair().await;
-    let peer = server.peer_addr().expect("peer");
 
     // Act: the request passes the early check; the drain begins (token, then the marker
     // to every subscription there is); then the request subscribes (a new subscription,
-    // which the marker never reached) and streams.
+    // which the marker never reached) and gets its answer, which is written.
     assert!(streams.early_answer(&req).is_none());
     streams.draining.cancel();
     streams.registry.announce_drain();
-    let admitted = match streams.admit(&head, &req, peer) {
+    let admitted = match streams.admit(&req) {
         Ok(admitted) => admitted,
         Err(_) => panic!("admitted"),
     };
-    streams.open(server, &req, admitted, peer).await;
+    let answer = streams.open(&req, admitted);
+    let from = FromLoop {
+        peer,
+        version: Version::Http10,
+        full: false,
+    };
+    streams.deliver(server, from, false, answer).await;
 
     // Assert: the client is sent elsewhere, and the stream ends.
     let body = read_to_end(&mut client).await;

@@ -12,8 +12,9 @@
 //! | `POST /api/events/v1/publish` | embedded broker only: publish a message | [`publish`] |
 //! | `OPTIONS *` | CORS preflight | [`preflight`] |
 //!
-//! Every response carries the CORS and security headers Taskcluster's lib-api sends
-//! ([`crate::wire::add_common_headers`]); every rejection is mapped to a status in one place
+//! Every response carries the CORS and security headers Taskcluster's lib-api sends, first,
+//! then its own ([`crate::wire::headers`], the one header builder, the connect route's
+//! answers included); every rejection is mapped to a status in one place
 //! ([`rejection_response`]).
 
 mod connect;
@@ -34,7 +35,7 @@ use crate::registry::Registry;
 
 pub use connect::CONNECT_PATHS;
 pub use health::BUILD_ENV;
-pub use publish::{MAX_CC, SameOriginOnly};
+pub use publish::SameOriginOnly;
 
 /// Every path the gateway answers (a connect path stands for its variants with a final
 /// `/`); the manifest (`--print-manifest`) and the deployment check read it.
@@ -50,13 +51,11 @@ pub const ROUTES: &[&str] = &[
     "/api/events/v1/publish",
 ];
 
-/// The peer address of a connection, set by the server loop.
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub std::net::SocketAddr);
-
 /// What the handlers share.
 pub struct State {
     pub registry: Arc<Registry>,
+    /// The connect route's answers.
+    pub streams: Arc<crate::connect::Streams>,
     pub broker: Broker,
     pub metrics: Metrics,
     pub cors_origin: HeaderValue,
@@ -78,7 +77,7 @@ pub fn routes(
     state: Arc<State>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let cors = state.cors_origin.clone();
-    connect::route()
+    connect::route(state.streams.clone())
         .or(page())
         .unify()
         .or(health::ping(state.clone()))
@@ -98,11 +97,9 @@ pub fn routes(
         .recover(rejection_response)
         .unify()
         .map(move |mut resp: Response| {
-            if resp.extensions().get::<SameOriginOnly>().is_some() {
-                crate::wire::add_security_headers(resp.headers_mut());
-            } else {
-                crate::wire::add_common_headers(resp.headers_mut(), &cors);
-            }
+            let same_origin = resp.extensions().get::<SameOriginOnly>().is_some();
+            let own = std::mem::take(resp.headers_mut());
+            *resp.headers_mut() = crate::wire::headers(own, (!same_origin).then_some(&cors));
             resp
         })
 }

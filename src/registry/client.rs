@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::Registry;
-use crate::subscription::{Conn, Gap, Lease, Subscription};
+use crate::subscription::{Gap, Lease, Subscription};
 use crate::topology::{BindError, BindState};
 
 /// A client's membership of a subscription; dropping it leaves the subscription (the
@@ -86,13 +86,14 @@ impl Client {
         Ok(())
     }
 
-    /// Hands the client's stream to the subscription's writers: `conn` builds it from the
-    /// membership (which it must hold for as long as it streams).
-    pub fn attach(mut self, conn: impl FnOnce(Member) -> Conn) {
-        if let Some(member) = self.member.take() {
-            let subscription = member.subscription.clone();
-            subscription.attach(conn(member), self.pinned_at);
-        }
+    /// The client goes on to stream: its membership (which its stream must hold for as
+    /// long as it streams), its subscription and its pinned position, which stays pinned
+    /// until the stream is attached to the subscription's writers
+    /// ([`Subscription::attach`]).
+    pub fn into_stream(mut self) -> Option<(Member, Arc<Subscription>, u64)> {
+        let member = self.member.take()?;
+        let subscription = member.subscription.clone();
+        Some((member, subscription, self.pinned_at))
     }
 
     /// Waits until the broker has confirmed every binding, or one was refused, or

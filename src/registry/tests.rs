@@ -255,20 +255,19 @@ fn a_server_stop_with_a_resumable_client_waiting_for_its_writer_does_not_deadloc
             client.subscription().expect("subscribed").mark_resumable();
             let (socket, _client) = crate::testing::socket_pair().await;
             let peer = socket.peer_addr().expect("peer");
-            let at = client.position();
             // Handed to a new writer, whose task has not run yet; then the server stops:
             // the writer drops the client it never took, its last client.
-            client.attach(|member| {
-                Conn::new(
-                    socket,
-                    peer,
-                    crate::wire::Version::Http10,
-                    true,
-                    at,
-                    std::time::Instant::now() + Duration::from_secs(60),
-                    Box::new(member),
-                )
-            });
+            let (member, subscription, at) = client.into_stream().expect("subscribed");
+            let conn = Conn::new(
+                socket,
+                peer,
+                crate::wire::Version::Http10,
+                true,
+                at,
+                std::time::Instant::now() + Duration::from_secs(60),
+                Box::new(member),
+            );
+            subscription.attach(conn, at);
             registry.fanout.closing.cancel();
             for _ in 0..10 {
                 tokio::task::yield_now().await;

@@ -118,14 +118,10 @@ fn parse(buf: &[u8]) -> Parsed {
     if lengths > 1 || (lengths == 1 && map.contains_key(warp::http::header::TRANSFER_ENCODING)) {
         return Parsed::Ambiguous;
     }
-    let (path, query) = match target.split_once('?') {
-        Some((path, query)) => (path, Some(query.to_owned())),
-        None => (target, None),
-    };
+    let query = target.split_once('?').map(|(_, query)| query.to_owned());
     Parsed::Connect(
         RequestHead {
             version,
-            path: path.to_owned(),
             query,
             headers: map,
         },
@@ -153,7 +149,6 @@ mod tests {
         };
         assert_eq!(len, input.len() - "rest".len());
         assert_eq!(head.version, Version::Http11);
-        assert_eq!(head.path, "/api/events/v1/connect/");
         assert_eq!(head.query.as_deref(), Some("bindings=x"));
         assert!(head.headers.contains_key("last-event-id"));
         assert!(matches!(

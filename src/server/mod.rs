@@ -36,9 +36,10 @@ use warp::reply::Response;
 pub use gate::{Gate, GateLimits, open_file_limit};
 pub use head::MAX_HEAD_BYTES;
 
-use crate::connect::{After, Streams};
-use crate::http::PeerAddr;
+use crate::connect::{After, FromLoop, Streams};
+use crate::http::CONNECT_PATHS;
 use crate::metrics::Metrics;
+use crate::wire::RequestHead;
 use gate::{Entry, Pending};
 use head::Head;
 use rewind::Rewind;
@@ -191,14 +192,19 @@ where
                 () = self.stopping.cancelled(), if buf.is_empty() => return,
             };
             match head {
-                Head::Connect(head) if in_reserve => {
-                    self.streams.serve_full(socket, head).await;
-                    return;
-                }
                 Head::Connect(head) => {
-                    // Admission counts it from here on.
-                    drop(pending.take());
-                    match self.streams.serve(socket, head, peer).await {
+                    // Admission counts it from here on (one within the reserve gets 503).
+                    let from = FromLoop {
+                        peer,
+                        version: head.version,
+                        full: in_reserve,
+                    };
+                    if !in_reserve {
+                        drop(pending.take());
+                    }
+                    let reusable = head.keep_alive() && !head.has_body() && !in_reserve;
+                    let answer = self.route(head, from).await;
+                    match self.streams.deliver(socket, from, reusable, answer).await {
                         After::KeepAlive(kept) => socket = kept,
                         After::Done => return,
                     }
@@ -223,6 +229,23 @@ where
         }
     }
 
+    /// The route table's answer to a connect request the loop read itself.
+    async fn route(&self, head: RequestHead, from: FromLoop) -> Response {
+        let target = match &head.query {
+            Some(query) => format!("{}?{query}", CONNECT_PATHS[0]),
+            None => CONNECT_PATHS[0].to_owned(),
+        };
+        let mut req = warp::http::Request::new(http_body_util::Empty::<bytes::Bytes>::new());
+        *req.uri_mut() = target.parse().unwrap_or_default();
+        *req.headers_mut() = head.headers;
+        req.extensions_mut().insert(from);
+        let mut service = warp::service(self.routes.clone());
+        match service.call(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+
     /// Serves the connection's next request with hyper and the warp routes (its head due
     /// within `head_timeout`), then closes; `_pending` is held until then.
     async fn hyper(
@@ -233,8 +256,7 @@ where
         _pending: Option<Pending>,
     ) {
         let service = warp::service(self.routes.clone());
-        let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(PeerAddr(peer));
+        let hyper_service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let mut service = service.clone();
             service.call(req)
         });

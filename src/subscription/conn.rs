@@ -23,7 +23,7 @@ use super::socket::Socket;
 use super::write::{
     Framing, MAX_FRAMES_PER_WRITE, MAX_PARTS, MAX_WRITE_BYTES, Parts, Sent, consume, send_chunk,
 };
-use crate::message::{self, Frame, FrameKind, NO_ID};
+use crate::message::{self, Frame, FrameKind};
 
 /// [`message::BROKER_GAP`] as shared bytes (a write borrows its parts).
 static BROKER_GAP: Bytes = Bytes::from_static(message::BROKER_GAP);
@@ -295,7 +295,7 @@ impl Conn {
                     out.frames.push(frame.received);
                     match due.ids.get(i).filter(|_| self.resumable) {
                         Some(id) => {
-                            parts.push_shared(&frame.bytes, 0, frame.bytes.len() - NO_ID.len());
+                            parts.push_shared(&frame.bytes, 0, message::before_id(&frame.bytes));
                             parts.push_shared(id, 0, id.len());
                         }
                         None => parts.push_shared(&frame.bytes, 0, frame.bytes.len()),

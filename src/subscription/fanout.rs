@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{LogLimits, ReplayBudget};
 use crate::metrics::Metrics;
@@ -61,6 +62,8 @@ pub struct Fanout {
     pub epoch: u64,
     /// Replay memory over every resumable subscription (REPLAY_MEMORY).
     pub replay: Arc<ReplayBudget>,
+    /// The writer tasks: a drain waits for them to end (each ends with its last stream).
+    pub tasks: TaskTracker,
 }
 
 impl Fanout {
@@ -73,6 +76,7 @@ impl Fanout {
             closing: CancellationToken::new(),
             epoch: fastrand::u64(..),
             replay,
+            tasks: TaskTracker::new(),
         })
     }
 }

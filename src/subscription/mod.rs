@@ -62,7 +62,7 @@ pub use position::{Gap, Position};
 pub use replay::ReplayBudget;
 
 use crate::binding::BindingSet;
-use crate::message::Frame;
+use crate::message::{self, Frame};
 
 /// One distinct binding set, its log and its writers.
 pub struct Subscription {
@@ -197,7 +197,7 @@ impl Subscription {
             key: self.key,
             seq,
         };
-        bytes::Bytes::from(format!("id: {}\n\n", at.id()))
+        message::id_line(&at.id())
     }
 
     /// From now on the log keeps frames for the replay window, for clients that may
@@ -249,7 +249,7 @@ impl Subscription {
     /// Hands a client (its `ready` written) to a writer; its pin goes with it.
     pub fn attach(self: &Arc<Self>, conn: Conn, pinned_at: u64) {
         if let Some(shared) = self.hand_over(conn, pinned_at) {
-            tokio::spawn(shard::run(self.clone(), shared));
+            self.fanout.tasks.spawn(shard::run(self.clone(), shared));
         }
     }
 

@@ -149,9 +149,7 @@ impl Shard {
             }
             // A resumable stream's ping names its position, so that a client that saw no
             // message can still resume.
-            let mut own = shared[..shared.len() - message::NO_ID.len()].to_vec();
-            own.extend_from_slice(&self.sub.id_line(conn.next().saturating_sub(1)));
-            Bytes::from(own)
+            message::with_id(&shared, &self.sub.id_line(conn.next().saturating_sub(1)))
         };
         let gap = |at: u64, missed: u64| {
             let at = self.sub.position(at);

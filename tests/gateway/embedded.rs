@@ -78,7 +78,7 @@ async fn publish_does_not_exist_in_amqp_mode() {
 #[tokio::test]
 async fn the_demo_publishes_treeherder_style_task_events() {
     let gw = TestGateway::start_embedded(&["--demo=true", "--demo-rate=200"]).await;
-    let bindings: Vec<(String, String)> = events_gateway::demo::EXCHANGES
+    let bindings: Vec<(String, String)> = events_gateway::internals::DEMO_EXCHANGES
         .iter()
         .map(|e| ((*e).to_owned(), "route.tc-treeherder.v2.#".to_owned()))
         .collect();
@@ -311,7 +311,7 @@ async fn a_client_that_sends_its_headers_too_slowly_is_disconnected() {
 async fn every_route_the_manifest_lists_is_served() {
     // deploy/check.py trusts http::ROUTES (through --print-manifest): each must answer.
     let gw = TestGateway::start_embedded(&[]).await;
-    for route in events_gateway::http::ROUTES {
+    for route in events_gateway::internals::ROUTES {
         let request = if route.ends_with("/publish") {
             gw.http.post(gw.url(route)).json(&serde_json::json!({}))
         } else {

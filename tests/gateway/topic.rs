@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use events_gateway::topic::TopicTrie;
+use events_gateway::internals::TopicTrie;
 use lapin::options::{
     BasicGetOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };

@@ -35,6 +35,7 @@ use lapin::Connection;
 use lapin::uri::AMQPUri;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Reconcile;
 use crate::metrics::Metrics;
@@ -110,6 +111,8 @@ pub struct AmqpBroker {
     /// Reconciler of each exchange in use. A std `Mutex`: held only for map updates.
     actors: Mutex<HashMap<String, Arc<Notify>>>,
     shutdown: CancellationToken,
+    /// The reconcilers: shutdown waits for them to delete their queues.
+    tasks: TaskTracker,
     myself: Weak<AmqpBroker>,
 }
 
@@ -138,6 +141,7 @@ impl AmqpBroker {
             failure: Mutex::new(None),
             actors: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             myself: myself.clone(),
         });
         tokio::spawn(broker.clone().supervise());
@@ -182,14 +186,9 @@ impl AmqpBroker {
     /// Deletes this process's queues and closes the connection, waiting at most `within`.
     pub async fn shutdown(&self, within: Duration) {
         self.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + within;
-        while tokio::time::Instant::now() < deadline {
-            let idle = self.actors.lock().map(|a| a.is_empty()).unwrap_or(true);
-            if idle {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Each reconciler deletes its queue, then ends.
+        self.tasks.close();
+        let _ = tokio::time::timeout(within, self.tasks.wait()).await;
         let live = self.live.borrow().clone();
         if let Some(live) = live {
             let _ = tokio::time::timeout(
@@ -218,7 +217,7 @@ impl Reconcile for AmqpBroker {
         let notify = Arc::new(Notify::new());
         actors.insert(exchange.to_owned(), notify.clone());
         let reconciler = Reconciler::new(me, exchange.to_owned(), notify);
-        tokio::spawn(reconciler.run());
+        self.tasks.spawn(reconciler.run());
     }
 }
 

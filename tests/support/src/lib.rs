@@ -108,7 +108,7 @@ impl TestGateway {
     ) -> usize {
         let running = self.running.as_ref().expect("running");
         match running.broker() {
-            events_gateway::broker::Broker::Memory(broker) => {
+            events_gateway::Broker::Memory(broker) => {
                 broker.publish(exchange, routing_key, &[], payload.to_string().as_bytes())
             }
             _ => panic!("publish_embedded needs the embedded broker"),

@@ -16,7 +16,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::IntervalStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::MemoryBroker;
+use super::MemoryBroker;
 
 /// The exchanges the demo publishes to.
 pub const EXCHANGES: [&str; 6] = [
