@@ -49,6 +49,8 @@ pub struct Config {
     pub hostname: String,
     /// `--print-manifest`: print the manifest instead of serving.
     pub print_manifest: bool,
+    /// `--address-file`: where to write the address once listening.
+    pub address_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -211,6 +213,7 @@ impl Config {
             log_json: args.log_format == "json",
             hostname,
             print_manifest: args.print_manifest,
+            address_file: args.address_file,
         })
     }
 }

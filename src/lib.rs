@@ -165,6 +165,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listener = server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let local_addr = listener.local_addr()?;
+    if let Some(path) = &config.address_file {
+        std::fs::write(path, local_addr.to_string())
+            .with_context(|| format!("cannot write ADDRESS_FILE {}", path.display()))?;
+    }
     let stop_server = CancellationToken::new();
     let server = tokio::spawn(server::serve(
         listener,

@@ -47,10 +47,10 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_app_restarting_is_survived_and_its_queues_with_it() {
     // Durable, so that it survives the restart (as the gateway's queues do).
-    let ex = Broker::connect()
-        .await
-        .declare_exchange("restart", true)
-        .await;
+    // The declaring connection lives to the end of the test: dropping it deletes the
+    // exchange.
+    let declarer = Broker::connect().await;
+    let ex = declarer.declare_exchange("restart", true).await;
     let gw = TestGateway::start(&["--ping-interval=300ms", "--ready-timeout=60s"]).await;
     let mut streaming = gw.raw_connect(&[(&ex, "#")]).await;
     let broker = Broker::connect().await;
@@ -155,5 +155,4 @@ async fn the_broker_app_restarting_is_survived_and_its_queues_with_it() {
     assert_eq!(message.event, "message");
     assert_eq!(message_json(&message.data)["payload"]["n"], 11);
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }

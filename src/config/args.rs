@@ -247,6 +247,11 @@ pub struct Args {
     /// metrics) as JSON, and exit: what deploy/check.py compares the manifests against.
     #[arg(long, hide = true)]
     pub print_manifest: bool,
+
+    /// Once listening, write the address the gateway listens on (`ip:port`) to this file:
+    /// for a supervisor or a test that starts it on port 0.
+    #[arg(long, env = "ADDRESS_FILE")]
+    pub address_file: Option<std::path::PathBuf>,
 }
 
 /// A size such as `8MiB`, `512KiB`, `64kB` or `1048576` (bytes).

@@ -203,7 +203,13 @@ where
                         drop(pending.take());
                     }
                     let reusable = head.keep_alive() && !head.has_body() && !in_reserve;
-                    let answer = self.route(head, from).await;
+                    // Boxed: the route table's future is large, and this task lives as
+                    // long as the stream does; only the routing itself should hold it.
+                    let answer = Box::pin(self.route(head, from)).await;
+                    if buf.is_empty() {
+                        // Nothing pipelined: free the head's buffer for the stream's life.
+                        buf = BytesMut::new();
+                    }
                     match self.streams.deliver(socket, from, reusable, answer).await {
                         After::KeepAlive(kept) => socket = kept,
                         After::Done => return,

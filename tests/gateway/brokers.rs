@@ -56,7 +56,6 @@ async fn the_queue_is_a_durable_classic_queue_with_its_bounds() {
         assert!(arguments.contains(expected), "{expected} in {arguments}");
     }
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +116,6 @@ async fn a_two_second_cut_with_the_user_kept_out_loses_nothing() {
     assert!(seen.values().all(|c| *c == 1), "none duplicated: {seen:?}");
     gw.shutdown().await;
     rabbitmqctl_output(&["delete_user", &user]).await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +191,6 @@ async fn a_pattern_with_three_hashes_gets_an_error_within_a_second_and_nobody_el
     })
     .await;
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +262,6 @@ async fn a_broker_that_closes_every_connection_that_declares_gets_a_backoff_not_
     .await;
     assert_eq!(gw.status_of("/__heartbeat__").await, 200);
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,7 +316,6 @@ async fn a_queue_deleted_by_hand_is_a_gap_for_resumable_clients_and_a_comment_fo
     let notice = body.find(": messages on ").expect("the comment");
     assert!(notice < body.find("{\"n\":1}").unwrap_or(0), "{body}");
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -345,5 +340,4 @@ async fn a_backlog_that_overflowed_during_an_outage_is_told_to_the_clients() {
     assert!(notice < first, "{body}");
     assert!(!body.contains("{\"n\":19}"), "the oldest were dropped");
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }

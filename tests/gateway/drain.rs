@@ -130,12 +130,8 @@ fn free_port() -> u16 {
 async fn start_on(port: u16) -> TestGateway {
     let flag = format!("--port={port}");
     // The port may still be held by the draining gateway for a moment.
-    for _ in 0..100 {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let free = || std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    eventually(Duration::from_secs(2), free).await;
     TestGateway::start_embedded(&[&flag]).await
 }
 

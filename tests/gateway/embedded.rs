@@ -139,15 +139,11 @@ async fn connections_over_the_limit_get_503_before_any_stream() {
     assert_eq!(gw.metric("events_gateway_connections_limit").await, 2.0);
 
     drop(a);
-    let mut c = None;
-    for _ in 0..50 {
+    let c = poll_until(Duration::from_secs(1), || async {
         let attempt = gw.connect(&[]).await;
-        if attempt.status == 200 {
-            c = Some(attempt);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (attempt.status == 200).then_some(attempt)
+    })
+    .await;
     c.expect("a slot frees when a client leaves")
         .expect("ready")
         .await;

@@ -71,7 +71,6 @@ async fn ready_and_message_bytes_match_the_original() {
         "nothing but the frames is sent"
     );
     gw.shutdown().await;
-    broker.delete_exchange(&exchange).await;
 }
 
 #[tokio::test]
@@ -420,5 +419,4 @@ async fn draining_ends_streams_with_a_reconnect_frame_and_deletes_queues() {
         BrokerObjects::default(),
         "queues are deleted"
     );
-    broker.delete_exchange(&ex).await;
 }

@@ -58,7 +58,6 @@ async fn an_outage_shorter_than_the_queue_expiry_loses_nothing() {
     assert!(gw.metric("events_gateway_broker_reconnects_total").await >= 1.0);
     eprintln!("recovered {recovered_in:?} after the link came back");
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,7 +148,6 @@ async fn a_cut_in_the_middle_of_a_burst_neither_loses_nor_duplicates() {
             .await
     );
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,11 +184,7 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
             .with_label_values(&["duplicate"])
             .get()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while duplicates() < 50 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if duplicates() != 50 {
+    if !reached(Duration::from_secs(20), || duplicates() >= 50).await || duplicates() != 50 {
         let queues = rabbitmqctl_output(&[
             "list_queues",
             "name",
@@ -226,7 +220,6 @@ async fn acknowledgements_lost_in_a_cut_do_not_duplicate_messages() {
         .await;
     client.expect_marker(&marker).await;
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +250,6 @@ async fn clients_connecting_during_an_outage_wait_then_get_an_error() {
     let mut after = gw.connect(&[(&ex, "#")]).await;
     after.expect("ready").await;
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +280,6 @@ async fn a_stalled_link_is_noticed_by_heartbeats_and_recovered() {
     );
     eprintln!("stall noticed after {noticed_in:?}");
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,8 +310,6 @@ async fn access_refused_fails_only_the_clients_that_asked() {
     assert_eq!(message_json(&ok.expect("message").await)["payload"]["n"], 1);
     gw.shutdown().await;
     rabbitmqctl_output(&["delete_user", &user]).await;
-    broker.delete_exchange(&allowed).await;
-    broker.delete_exchange(&denied).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +345,6 @@ async fn a_connection_closed_by_the_broker_is_reopened_and_nothing_is_lost() {
     );
     assert!(seen.values().all(|c| *c == 1));
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -387,7 +375,6 @@ async fn streams_on_an_exchange_deleted_during_an_outage_end_with_an_error() {
         1
     );
     gw.shutdown().await;
-    broker.delete_exchange(&kept).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,5 +411,4 @@ async fn streams_on_an_exchange_deleted_while_connected_end_with_an_error() {
     );
     assert_eq!(gw.metric("events_gateway_broker_bindings").await, 1.0);
     gw.shutdown().await;
-    broker.delete_exchange(&kept).await;
 }

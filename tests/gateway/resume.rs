@@ -122,7 +122,6 @@ async fn a_client_cut_off_for_two_seconds_gets_every_message_once_in_order() {
         1.0
     );
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,7 +166,6 @@ async fn an_id_past_the_window_or_from_another_epoch_gets_a_gap_then_live_messag
     }
     other.shutdown().await;
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,8 +213,6 @@ async fn forged_and_malformed_ids_get_a_gap_never_another_subscriptions_frames()
     dash.read_to_end(Duration::from_secs(5)).await;
     assert!(dash.head_and_body().0.contains(" 204 "));
     gw.shutdown().await;
-    broker.delete_exchange(&mine).await;
-    broker.delete_exchange(&theirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +252,6 @@ async fn pings_and_ready_carry_the_position_and_a_drain_keeps_it() {
         is_resumable_reconnect_frame(last),
         "the reconnect frame keeps the id: {last:?}"
     );
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,7 +272,6 @@ async fn without_resume_the_original_protocol_is_unchanged() {
     old.read_to_end(Duration::from_secs(5)).await;
     assert!(old.head_and_body().0.contains(" 204 "));
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,5 +300,4 @@ async fn a_resumable_subscription_outlives_its_last_client_for_the_grace_period_
     })
     .await;
     gw.shutdown().await;
-    broker.delete_exchange(&ex).await;
 }

@@ -112,8 +112,9 @@ export async function publish(gw, message) {
 export async function startProxy(port) {
   const sockets = new Set();
   let refusing = false;
+  let refused = 0;
   const server = net.createServer(client => {
-    if (refusing) { client.destroy(); return; }
+    if (refusing) { refused += 1; client.destroy(); return; }
     const upstream = net.connect(port, '127.0.0.1');
     for (const s of [client, upstream]) {
       sockets.add(s);
@@ -131,6 +132,8 @@ export async function startProxy(port) {
     origin: `http://127.0.0.1:${proxyPort}`,
     cut() { for (const s of sockets) s.destroy(); },
     refuse(on) { refusing = on; },
+    /** Connections refused so far. */
+    refused() { return refused; },
     close() { this.cut(); server.close(); },
   };
 }

@@ -21,7 +21,6 @@
 
 mod consumer;
 mod errors;
-mod queue;
 mod reconciler;
 mod supervisor;
 

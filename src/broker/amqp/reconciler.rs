@@ -14,7 +14,7 @@
 //! - the task ends only after its queue is gone, and only while holding the broker's
 //!   actors lock with nothing wanted ([`Reconciler::leave`]).
 //!
-//! Queue operations (declare, checks, delete) are in `queue.rs`.
+//! Its queue's life (declare, checks, rename, delete) is in the child module [`queue`].
 //!
 //! [`Topology`]: crate::topology::Topology
 
@@ -33,11 +33,13 @@ use super::errors::{bind_refusal, timed};
 use super::{AmqpBroker, Live};
 use crate::topology::BindState;
 
+mod queue;
+
 /// A reconciler whose broker operation failed for a transient reason retries after this.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// A transient failure (lost connection, timeout): the pass is retried later.
-pub(super) struct Retry(pub(super) String);
+pub(super) struct Retry(String);
 
 impl<E: std::fmt::Display> From<E> for Retry {
     fn from(err: E) -> Self {
@@ -47,29 +49,29 @@ impl<E: std::fmt::Display> From<E> for Retry {
 
 /// Keeps one exchange's queue, bindings and consumer equal to what the topology wants.
 pub(super) struct Reconciler {
-    pub(super) broker: Arc<AmqpBroker>,
-    pub(super) exchange: String,
-    pub(super) queue: String,
+    broker: Arc<AmqpBroker>,
+    exchange: String,
+    queue: String,
     /// New queue names taken because the broker could not declare the queue under its
-    /// name (see `queue.rs`).
-    pub(super) renames: u32,
-    pub(super) notify: Arc<Notify>,
+    /// name (see [`queue`]).
+    renames: u32,
+    notify: Arc<Notify>,
     /// Connection generation our channels belong to (0: none).
-    pub(super) generation: u64,
+    generation: u64,
     /// The channel for declares, binds and unbinds (a refusal closes it).
-    pub(super) ops: Option<Channel>,
-    pub(super) consumer: Option<(Channel, tokio::task::JoinHandle<()>)>,
+    ops: Option<Channel>,
+    consumer: Option<(Channel, tokio::task::JoinHandle<()>)>,
     /// Shared with the consumer task: set when its stream ends (channel or connection
     /// lost, queue deleted by someone else), and its most recent deliveries.
-    pub(super) consumer_end: ConsumerEnd,
+    consumer_end: ConsumerEnd,
     /// Queue declared (and consumed) on the current connection.
-    pub(super) declared: bool,
+    declared: bool,
     /// The queue may exist on the broker (declared on this or an earlier connection).
-    pub(super) queue_may_exist: bool,
+    queue_may_exist: bool,
     /// Patterns bound on the current connection.
-    pub(super) bound: HashSet<String>,
+    bound: HashSet<String>,
     /// Patterns bound on an earlier connection that may still be on the queue.
-    pub(super) stale: HashSet<String>,
+    stale: HashSet<String>,
     /// What this reconciler last added to the queue and binding gauges.
     reported: (i64, i64),
 }
@@ -306,7 +308,7 @@ impl Reconciler {
     }
 
     /// The operations channel, opened again if a refusal (or the connection) closed it.
-    pub(super) async fn ops_channel(&mut self, live: &Live) -> Result<Channel, Retry> {
+    async fn ops_channel(&mut self, live: &Live) -> Result<Channel, Retry> {
         if let Some(ops) = &self.ops
             && ops.status().connected()
         {
@@ -343,7 +345,7 @@ impl Reconciler {
     /// After a lost connection or a failed operation nothing is assumed confirmed: the
     /// queue is declared again (same name) and every wanted pattern bound again; what was
     /// bound before is remembered as possibly still there.
-    pub(super) fn forget_connection(&mut self) {
+    fn forget_connection(&mut self) {
         if let Some((_, task)) = self.consumer.take() {
             task.abort();
         }

@@ -28,12 +28,12 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-use super::Live;
-use super::consumer::consume;
-use super::errors::{
+use super::{Reconciler, Retry};
+use crate::broker::amqp::Live;
+use crate::broker::amqp::consumer::consume;
+use crate::broker::amqp::errors::{
     DeclareFailure, TimedError, declare_failure, exchange_refusal, is_not_found, timed,
 };
-use super::reconciler::{Reconciler, Retry};
 use crate::topology::{BindError, BindState};
 
 /// New names tried in one pass for a queue the broker cannot declare under its name.
