@@ -25,9 +25,11 @@ async fn broker_version() -> (u32, u32, u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_queue_is_a_durable_classic_queue_with_its_bounds() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("declared").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker: _broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("declared", &[]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
 
@@ -266,9 +268,11 @@ async fn a_broker_that_closes_every_connection_that_declares_gets_a_backoff_not_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_deleted_by_hand_is_a_gap_for_resumable_clients_and_a_comment_for_others() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("gap").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("gap", &[]).await;
     let mut plain = gw.raw_connect(&[(&ex, "#")]).await;
     let query = format!("{}&resume=1", bindings_query(&[(&ex, "#")]));
     let mut resumable = gw.connect_query(&query).await;

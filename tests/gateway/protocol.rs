@@ -13,9 +13,11 @@ const ALL_CONNECT_PATHS: &[&str] = &[
 
 #[tokio::test]
 async fn ready_and_message_bytes_match_the_original() {
-    let broker = Broker::connect().await;
-    let exchange = broker.exchange("demo").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange,
+        gw,
+    } = Scenario::start("demo", &[]).await;
 
     let query = bindings_query(&[(&exchange, "primary.#")]);
     let mut raw = RawClient::get(gw.addr, &format!("/api/events/v1/connect/?{query}"), &[]).await;
@@ -373,9 +375,11 @@ async fn empty_bindings_are_ready_then_ping() {
 
 #[tokio::test]
 async fn draining_ends_streams_with_a_reconnect_frame_and_deletes_queues() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("drain").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker: _broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("drain", &[]).await;
     let query = bindings_query(&[(&ex, "#")]);
     let mut raw = gw.raw_connect(&[(&ex, "#")]).await;
     let prefix = gw.queue_prefix.clone();

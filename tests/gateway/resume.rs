@@ -80,9 +80,11 @@ async fn connect(gw: &TestGateway, exchange: &str, last_id: Option<&str>) -> Raw
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cut_off_for_two_seconds_gets_every_message_once_in_order() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("resume").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("resume", &[]).await;
     let mut first = connect(&gw, &ex, None).await;
     broker.publish_numbered(&ex, 0..10).await;
     first.read_until(b"{\"n\":9}", Duration::from_secs(5)).await;
@@ -126,9 +128,11 @@ async fn a_client_cut_off_for_two_seconds_gets_every_message_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_past_the_window_or_from_another_epoch_gets_a_gap_then_live_messages() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("resume-gap").await;
-    let gw = TestGateway::start(&["--subscription-buffer=10"]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("resume-gap", &["--subscription-buffer=10"]).await;
     let other = TestGateway::start(&[]).await;
 
     // An id from another gateway (another epoch: a restart, another replica).
@@ -217,9 +221,11 @@ async fn forged_and_malformed_ids_get_a_gap_never_another_subscriptions_frames()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_and_ready_carry_the_position_and_a_drain_keeps_it() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("resume-ping").await;
-    let gw = TestGateway::start(&["--ping-interval=300ms"]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("resume-ping", &["--ping-interval=300ms"]).await;
     let mut client = connect(&gw, &ex, None).await;
     client
         .read_until(b"event: ping", Duration::from_secs(5))
@@ -256,9 +262,11 @@ async fn pings_and_ready_carry_the_position_and_a_drain_keeps_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_resume_the_original_protocol_is_unchanged() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("no-resume").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("no-resume", &[]).await;
     // A resumable client on the same bindings changes nothing for the others.
     let _resumable = connect(&gw, &ex, None).await;
     let mut plain = gw.raw_connect(&[(&ex, "#")]).await;
@@ -276,9 +284,11 @@ async fn without_resume_the_original_protocol_is_unchanged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumable_subscription_outlives_its_last_client_for_the_grace_period_only() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("resume-grace").await;
-    let gw = TestGateway::start(&["--resume-grace=2s"]).await;
+    let Scenario {
+        broker: _broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("resume-grace", &["--resume-grace=2s"]).await;
     let running = gw.running.as_ref().expect("running");
     let metrics = running.metrics().clone();
     let registry = running.registry().clone();

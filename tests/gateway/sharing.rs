@@ -139,9 +139,11 @@ async fn clients_leaving_before_ready_or_mid_binding_leave_nothing_behind() {
 
 #[tokio::test]
 async fn each_client_gets_each_matching_message_exactly_once() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("once").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("once", &[]).await;
     // Several of this set's bindings match the same message, via key and via CC.
     let set = [
         (ex.as_str(), "a.#"),
@@ -186,9 +188,11 @@ async fn each_client_gets_each_matching_message_exactly_once() {
 
 #[tokio::test]
 async fn a_malformed_body_is_dropped_and_counted_and_nothing_else_breaks() {
-    let broker = Broker::connect().await;
-    let ex = broker.exchange("bad").await;
-    let gw = TestGateway::start(&[]).await;
+    let Scenario {
+        broker,
+        exchange: ex,
+        gw,
+    } = Scenario::start("bad", &[]).await;
     let mut client = gw.connect(&[(&ex, "#")]).await;
     client.expect("ready").await;
     broker.publish(&ex, "k", &[], b"not json {").await;

@@ -389,3 +389,26 @@ fn amqp_local_ports(pid: u32) -> Vec<u16> {
         })
         .collect()
 }
+
+/// What most tests arrange: a broker connection, one exchange of their own on it, and a
+/// gateway. The exchange goes when `broker` is dropped (see [`Broker`]): a test that does
+/// not use it binds it to a named `_broker`, never `_`, which would drop it at once.
+pub struct Scenario {
+    pub broker: Broker,
+    pub exchange: String,
+    pub gw: TestGateway,
+}
+
+impl Scenario {
+    /// Declares the exchange `name` (made unique) and starts a gateway with `extra` flags.
+    pub async fn start(name: &str, extra: &[&str]) -> Self {
+        let broker = Broker::connect().await;
+        let exchange = broker.exchange(name).await;
+        let gw = TestGateway::start(extra).await;
+        Self {
+            broker,
+            exchange,
+            gw,
+        }
+    }
+}
