@@ -16,7 +16,13 @@ engine.
    routes; the container port is the port it listens on; the drain budget fits
    terminationGracePeriodSeconds; Service, ServiceMonitor, NetworkPolicy, Ingress, HPA and
    PDB point at what exists; the Dockerfile agrees (port, user, binary, build args).
-4. Monitoring: the dashboard's and the alert rules' PromQL is parsed with Prometheus's own
+4. The affinity tier (k8s/components/affinity, in the production overlay): HAProxy hashes
+   on `bindings` consistently, checks the gateways on /__heartbeat__, finds them through a
+   headless Service that selects them on their port, has a slot per replica the autoscaler
+   may run, and is what the Ingress sends to; `haproxy -c` passes on haproxy.cfg as shipped
+   (forky's HAProxy 3.2, from the root of scripts/rabbitmq-4.3.sh) and as the loopback test
+   runs it (Debian's HAProxy 2.6, on PATH).
+5. Monitoring: the dashboard's and the alert rules' PromQL is parsed with Prometheus's own
    grammar (deploy/promql, @prometheus-io/lezer-promql); every metric it names is one the
    binary registers (histogram series _bucket/_sum/_count map to their base name), and
    every label value it matches is one the binary uses.
@@ -64,6 +70,7 @@ CRD_KINDS = {
 GATEWAY = "events-gateway"  # Deployment and container name
 CONFIGMAP = "events-gateway-config"
 SECRET = "events-gateway-pulse"
+AFFINITY = "events-gateway-affinity"  # the HAProxy tier's Deployment, Service and ConfigMap
 
 # Metric families the prometheus crate's process collector exports.
 PROCESS_METRIC = re.compile(r"^process_[a-z_]+$")
@@ -426,18 +433,144 @@ def check_gateway(where: str, docs: list[dict], src: Source, examples: list[dict
         report.check("replicas" not in deploy["spec"],
                      f"{where}: Deployment leaves `replicas` to {name_of(hpa)}",
                      "an applied `replicas` resets the autoscaler's count")
-    for pdb in (d for d in docs if d.get("kind") == "PodDisruptionBudget"):
+    for pdb in (d for d in docs if d.get("kind") == "PodDisruptionBudget" and d["metadata"]["name"] != AFFINITY):
         report.check(selects_pods(pdb["spec"].get("selector")), f"{where}: {name_of(pdb)} selects the gateway pods")
     for ing in (d for d in docs if d.get("kind") == "Ingress"):
         for rule in ing["spec"].get("rules", []):
             for p in rule.get("http", {}).get("paths", []):
                 backend = p["backend"]["service"]
-                ok_backend = (svc is not None and backend["name"] == GATEWAY and
-                              (backend["port"].get("name") in {x.get("name") for x in svc["spec"]["ports"]} or
-                               backend["port"].get("number") in {x.get("port") for x in svc["spec"]["ports"]}))
-                report.check(ok_backend, f"{where}: {name_of(ing)} path {p['path']} goes to a port of Service/{GATEWAY}")
+                # The gateways' Service, or the affinity tier in front of them.
+                target = find(docs, "Service", backend["name"]) if backend["name"] in (GATEWAY, AFFINITY) else None
+                ok_backend = (target is not None and
+                              (backend["port"].get("name") in {x.get("name") for x in target["spec"]["ports"]} or
+                               backend["port"].get("number") in {x.get("port") for x in target["spec"]["ports"]}))
+                report.check(ok_backend, f"{where}: {name_of(ing)} path {p['path']} goes to a port of Service/{backend['name']}")
+                if find(docs, "Deployment", AFFINITY) is not None:
+                    report.check(backend["name"] == AFFINITY,
+                                 f"{where}: {name_of(ing)} path {p['path']} goes through the affinity tier")
                 report.check(route_matches_prefix(p["path"], src.routes),
                              f"{where}: {name_of(ing)} path {p['path']} leads to routes of the binary")
+
+
+# --------------------------------------------------------------------------------------
+# The affinity tier (deploy/k8s/components/affinity)
+
+HAPROXY_CFG = DEPLOY / "k8s" / "components" / "affinity" / "haproxy.cfg"
+SERVERS_MARKER = "# events-gateway: servers"
+
+
+def haproxy_for_test(cfg: str, servers: list[str]) -> str:
+    """The configuration as tests/gateway/replicas.rs runs it: everything up to the servers
+    marker, then `servers` (Debian's HAProxy 2.6 has no `hash-key`)."""
+    head = cfg[: cfg.index(SERVERS_MARKER)]
+    return head + "\n".join(["  default-server check inter 200ms fall 1 rise 1 weight 100", *servers]) + "\n"
+
+
+def check_affinity(where: str, docs: list[dict], src: Source, report: Report) -> None:
+    proxy = find(docs, "Deployment", AFFINITY)
+    if proxy is None:
+        return
+    pod = proxy["spec"]["template"]["spec"]
+    c = next((c for c in pod["containers"] if c["name"] == "haproxy"), None)
+    if not report.check(c is not None, f"{where}: container haproxy in Deployment/{AFFINITY}"):
+        return
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    cm_name = next((v["configMap"]["name"] for v in volumes.values() if "configMap" in v), None)
+    cm = find(docs, "ConfigMap", cm_name) if cm_name else None
+    cfg = ((cm or {}).get("data") or {}).get("haproxy.cfg")
+    if not report.check(cfg is not None, f"{where}: Deployment/{AFFINITY} mounts a ConfigMap with haproxy.cfg"):
+        return
+    report.check(cfg == HAPROXY_CFG.read_text(), f"{where}: its haproxy.cfg is {HAPROXY_CFG.relative_to(DEPLOY)}")
+    args = c.get("args", [])
+    mount = next((m["mountPath"] for m in c.get("volumeMounts", []) if volumes.get(m["name"], {}).get("configMap")), "")
+    report.check("-f" in args and args[args.index("-f") + 1] == f"{mount}/haproxy.cfg",
+                 f"{where}: haproxy reads the mounted haproxy.cfg ({' '.join(args)})")
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    http = {p.get("name"): p for p in c.get("ports", [])}.get("http")
+    bind = env.get("HAPROXY_BIND") or ""
+    report.check(http is not None and bind.rsplit(":", 1)[-1] == str(http["containerPort"]),
+                 f"{where}: HAPROXY_BIND {bind!r} = the haproxy container port {http and http['containerPort']}")
+    report.check('"${HAPROXY_BIND}"' in cfg and '"${NAMESPACE}"' in cfg and "NAMESPACE" in env,
+                 f"{where}: haproxy.cfg's variables HAPROXY_BIND and NAMESPACE are set")
+    monitor = re.search(r"^\s*monitor-uri\s+(\S+)", cfg, re.M)
+    for probe in ("readinessProbe", "livenessProbe"):
+        path = (c.get(probe) or {}).get("httpGet", {}).get("path")
+        report.check(monitor is not None and path == monitor.group(1),
+                     f"{where}: haproxy {probe} on its monitor-uri ({path})")
+    sc = {**(pod.get("securityContext") or {}), **(c.get("securityContext") or {})}
+    report.check(sc.get("runAsNonRoot") is True and sc.get("readOnlyRootFilesystem") is True
+                 and "ALL" in ((sc.get("capabilities") or {}).get("drop") or []),
+                 f"{where}: haproxy runs as non-root, read-only, without capabilities")
+    image = c.get("image", "")
+    m = re.search(r":(\d+)\.(\d+)", image)
+    report.check(m is not None and (int(m.group(1)), int(m.group(2))) >= (2, 8),
+                 f"{where}: haproxy image {image} is 2.8 or later (hash-key)")
+
+    # The key and the ring.
+    report.check(re.search(r"^\s*balance hash url_param\(bindings\)", cfg, re.M) is not None,
+                 f"{where}: haproxy hashes on the `bindings` parameter")
+    report.check(re.search(r"^\s*hash-type consistent\b", cfg, re.M) is not None,
+                 f"{where}: haproxy's hashing is consistent (a new replica moves only its share)")
+    check = re.search(r"^\s*option httpchk GET (\S+)", cfg, re.M)
+    report.check(check is not None and check.group(1) == "/__heartbeat__" and check.group(1) in src.routes,
+                 f"{where}: haproxy checks the gateways on /__heartbeat__ (fails while draining)")
+    template = re.search(r"^\s*server-template \S+ (\d+) _http\._tcp\.([a-z0-9-]+)\.", cfg, re.M)
+    if not report.check(template is not None, f"{where}: haproxy finds the gateways by DNS SRV (server-template)"):
+        return
+    slots, svc_name = int(template.group(1)), template.group(2)
+    for hpa in (d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"):
+        report.check(hpa["spec"]["maxReplicas"] <= slots,
+                     f"{where}: server-template's {slots} slots >= {name_of(hpa)} maxReplicas {hpa['spec']['maxReplicas']}")
+    svc = find(docs, "Service", svc_name)
+    gw = find(docs, "Deployment", GATEWAY)
+    if report.check(svc is not None and gw is not None, f"{where}: Service/{svc_name} of the SRV name is rendered"):
+        labels = gw["spec"]["template"]["metadata"].get("labels", {})
+        sel = svc["spec"].get("selector") or {}
+        report.check(svc["spec"].get("clusterIP") == "None" and bool(sel)
+                     and all(labels.get(k) == v for k, v in sel.items()),
+                     f"{where}: Service/{svc_name} is headless and selects the gateway pods")
+        port = {p.get("name"): p for p in svc["spec"]["ports"]}.get("http")
+        report.check(port is not None and port.get("targetPort") in ("http", src.default_port)
+                     and port.get("port") == src.default_port,
+                     f"{where}: Service/{svc_name} port `http` (the SRV record's) is the gateways' port {src.default_port}")
+        report.check(not svc["spec"].get("publishNotReadyAddresses", False),
+                     f"{where}: Service/{svc_name} publishes ready gateways only")
+    proxy_labels = proxy["spec"]["template"]["metadata"].get("labels", {})
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        obj = find(docs, kind, AFFINITY)
+        sel = (obj or {}).get("spec", {}).get("selector" if kind == "PodDisruptionBudget" else "podSelector", {})
+        labels = sel.get("matchLabels", {})
+        report.check(bool(labels) and all(proxy_labels.get(k) == v for k, v in labels.items()),
+                     f"{where}: {kind}/{AFFINITY} selects the haproxy pods")
+    front = find(docs, "Service", AFFINITY)
+    if report.check(front is not None, f"{where}: Service/{AFFINITY} rendered"):
+        ports = {p.get("name"): p for p in front["spec"]["ports"]}
+        report.check(ports.get("http", {}).get("targetPort") == "http",
+                     f"{where}: Service/{AFFINITY} port `http` targets haproxy's port")
+    cm_gw = next((d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"].startswith(CONFIGMAP)), None)
+    report.check("TRUSTED_PROXIES" in ((cm_gw or {}).get("data") or {}),
+                 f"{where}: TRUSTED_PROXIES is set (the gateways see the clients' addresses through the tier)")
+
+
+def check_haproxy_config(report: Report) -> None:
+    """`haproxy -c`: the file as shipped with forky's HAProxy (3.2, in the root of
+    scripts/rabbitmq-4.3.sh), and as the loopback test runs it with Debian's (2.6)."""
+    cfg = HAPROXY_CFG.read_text()
+    env = {**os.environ, "HAPROXY_BIND": ":8080", "HAPROXY_ADMIN_SOCKET": "/tmp/haproxy-check.sock",
+           "NAMESPACE": "events"}
+    shipped = subprocess.run(["bash", str(REPO / "scripts" / "rabbitmq-4.3.sh"), "haproxy", "-c", "-f", "/dev/stdin"],
+                             input=cfg, env=env, capture_output=True, text=True)
+    report.check(shipped.returncode == 0, "haproxy.cfg as shipped: valid for HAProxy 3.2 (`haproxy -c`)",
+                 (shipped.stderr or shipped.stdout).strip()[-2000:])
+    if shutil.which("haproxy") is None:
+        report.fail("haproxy.cfg as the test runs it: haproxy not found (apt-get install haproxy)")
+        return
+    test_cfg = haproxy_for_test(cfg, ["  server gw1 127.0.0.1:1", "  server gw2 127.0.0.1:2"])
+    host = subprocess.run(["haproxy", "-c", "-f", "/dev/stdin"], input=test_cfg, env=env,
+                          capture_output=True, text=True)
+    version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    report.check(host.returncode == 0, f"haproxy.cfg as the test runs it: valid for {version}",
+                 (host.stderr or host.stdout).strip()[-2000:])
 
 
 # --------------------------------------------------------------------------------------
@@ -605,6 +738,12 @@ def main() -> int:
     for where, docs in rendered.items():
         if where.startswith("k8s/"):
             check_gateway(where, docs, src, example_docs, docker, report)
+
+    section("Affinity tier (HAProxy) against the gateways and the binary")
+    for where, docs in rendered.items():
+        if where.startswith("k8s/"):
+            check_affinity(where, docs, src, report)
+    check_haproxy_config(report)
 
     section("Dashboard and alert rules against the binary's metrics")
     dash_path = DEPLOY / "grafana" / "events-gateway.json"

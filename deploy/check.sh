@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Offline validation of deploy/: renders every kustomization with kubectl, validates the
 # objects against the Kubernetes schemas, and cross-checks manifests, dashboard and alert
-# rules against what the binary says it reads and serves (`--print-manifest`). Needs
-# kubectl (with kustomize), Python 3.11, Node.js and cargo on PATH.
+# rules against what the binary says it reads and serves (`--print-manifest`), and the
+# affinity tier's HAProxy configuration with `haproxy -c`. Needs kubectl (with kustomize),
+# Python 3.11, Node.js, cargo and haproxy on PATH, and root for forky's HAProxy (in the
+# root scripts/rabbitmq-4.3.sh builds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore \

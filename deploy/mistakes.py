@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Proves that deploy/check.py catches mistakes: makes deliberate mistakes (eleven) in copies of
+"""Proves that deploy/check.py catches mistakes: makes deliberate mistakes (fifteen) in copies of
 the deployment material, one at a time, and checks that check.py fails on each, naming it.
 
 Usage: python3 deploy/mistakes.py   (after deploy/check.sh has installed what check.py needs;
@@ -41,6 +41,14 @@ MISTAKES = [
     ("deploy/grafana/alerts.yaml", "increase(events_gateway_broker_reconnects_total[15m]) > 3",
      "increase(events_gateway_broker_reconnects_total[15m] > 3", "PromQL parses"),
     ("deploy/Dockerfile", "EXPOSE 12345", "EXPOSE 8080", "Dockerfile EXPOSE 8080"),
+    ("deploy/k8s/components/affinity/haproxy.cfg", "balance hash url_param(bindings),url_dec",
+     "balance roundrobin # url_param(bindings),url_dec", "haproxy hashes on the `bindings` parameter"),
+    ("deploy/k8s/components/affinity/haproxy.cfg", "hash-type consistent", "hash-type map-based",
+     "haproxy's hashing is consistent"),
+    ("deploy/k8s/components/affinity/haproxy.yaml", "    - name: http\n      port: 12345",
+     "    - name: http\n      port: 8080", "port `http` (the SRV record's) is the gateways' port"),
+    ("deploy/k8s/components/affinity/haproxy.cfg", "weight 100 hash-key addr-port",
+     "weight 100 hash-key address", "valid for HAProxy 3.2"),
 ]
 
 
@@ -49,6 +57,8 @@ def copy_tree(dest: Path) -> None:
                     symlinks=True)
     for name in ("Cargo.toml", ".dockerignore"):
         shutil.copy(REPO / name, dest / name)
+    # check.py runs forky's HAProxy through scripts/rabbitmq-4.3.sh.
+    shutil.copytree(REPO / "scripts", dest / "scripts", symlinks=True)
 
 
 def main() -> int:

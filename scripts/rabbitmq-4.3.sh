@@ -11,6 +11,11 @@
 #   scripts/rabbitmq-4.3.sh status    exit 0 if the node answers
 #   scripts/rabbitmq-4.3.sh url       the AMQP URL of the node (guest/guest on loopback)
 #   scripts/rabbitmq-4.3.sh ctl ARGS  its own rabbitmqctl (scripts/rabbitmqctl-4.3 too)
+#   scripts/rabbitmq-4.3.sh haproxy ARGS
+#                                     forky's HAProxy (3.2) in the same root, installed there
+#                                     the first time: deploy/check.sh checks the shipped
+#                                     affinity configuration with it (`-c -f /dev/stdin`;
+#                                     HAPROXY_* and NAMESPACE pass into the root)
 #
 # Ports (all on 127.0.0.1): AMQP 5673, Erlang distribution 25673, epmd 4370; the host's
 # broker keeps 5672, 25672 and 4369. Node name rabbit43@localhost. Needs root (chroot,
@@ -136,6 +141,21 @@ stop() {
   in_root /usr/bin/epmd -port "$EPMD_PORT" -kill >/dev/null 2>&1 || true
 }
 
+# HAProxy from the root (installed into it the first time), reading its configuration
+# from stdin when given `-f /dev/stdin`.
+haproxy_in_root() {
+  build_root
+  if [ ! -x "$ROOT/usr/sbin/haproxy" ]; then
+    echo "rabbitmq-4.3: installing forky's haproxy into $ROOT" >&2
+    in_root /usr/bin/env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -q --no-install-recommends haproxy >/dev/null
+  fi
+  # The configuration's own variables (HAPROXY_*, NAMESPACE) pass into the root.
+  local vars=()
+  while IFS= read -r var; do vars+=("$var"); done < <(env | grep -E '^(HAPROXY_[A-Z_]*|NAMESPACE)=' || true)
+  in_root /usr/bin/env "${vars[@]}" /usr/sbin/haproxy "$@"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
@@ -145,5 +165,9 @@ case "${1:-}" in
     shift
     ctl "$@"
     ;;
-  *) die "usage: $0 start|stop|status|url|ctl ARGS" ;;
+  haproxy)
+    shift
+    haproxy_in_root "$@"
+    ;;
+  *) die "usage: $0 start|stop|status|url|ctl ARGS|haproxy ARGS" ;;
 esac

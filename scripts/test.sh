@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project on this machine:
-#   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent);
+#   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent),
+#      and installs HAProxy from Debian's packages if absent (the replicas test runs it);
 #   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ, then
 #      the integration tests again against RabbitMQ 4.3 with upstream's defaults
 #      (scripts/rabbitmq-4.3.sh builds it from Debian's packages the first time);
@@ -25,6 +26,12 @@ for _ in $(seq 1 60); do
   sleep 1
 done
 rabbitmqctl -q await_startup
+
+echo "== HAProxy (the affinity tier's checks and the replicas test)"
+if ! command -v haproxy >/dev/null 2>&1; then
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy
+fi
 
 echo "== deploy/check.sh"
 bash deploy/check.sh -q

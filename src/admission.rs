@@ -253,6 +253,11 @@ impl Admission {
         self.open.load(Ordering::Acquire)
     }
 
+    /// At `MAX_CONNECTIONS`: the next connect gets 503.
+    pub fn full(&self) -> bool {
+        self.open() >= self.limits.max_connections
+    }
+
     /// Addresses with state held now.
     #[cfg(test)]
     pub fn addresses(&self) -> usize {

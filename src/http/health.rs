@@ -32,8 +32,11 @@ pub(super) fn lbheartbeat() -> impl Route {
 }
 
 /// `GET /__heartbeat__`: 200 while a broker connection is up and holds (see the broker's
-/// supervisor) and the process is not draining, 503 otherwise; the details in both cases
-/// (why the broker is not healthy, without credentials).
+/// supervisor), the process is not draining and it has room for a stream (below
+/// `MAX_CONNECTIONS`), 503 otherwise; the details in both cases (why the broker is not
+/// healthy, without credentials). A full replica so leaves the load balancer's rotation,
+/// and the affinity tier's ring, for new clients until a stream ends: a hot binding set
+/// spills to the next replica instead of being refused.
 pub(super) fn heartbeat(state: Arc<State>) -> impl Route {
     warp::path!("__heartbeat__")
         .and(warp::get())
@@ -42,7 +45,8 @@ pub(super) fn heartbeat(state: Arc<State>) -> impl Route {
             let health = state.broker.health();
             let embedded = matches!(state.broker, Broker::Memory(_));
             let draining = state.draining.is_cancelled();
-            let status = if health.healthy && !draining {
+            let full = state.streams.admission.full();
+            let status = if health.healthy && !draining && !full {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -58,6 +62,8 @@ pub(super) fn heartbeat(state: Arc<State>) -> impl Route {
                         "embedded": embedded,
                     },
                     "draining": draining,
+                    "full": full,
+                    "connections": state.streams.admission.open(),
                     "subscriptions": state.registry.len(),
                 }),
             )

@@ -137,6 +137,11 @@ async fn connections_over_the_limit_get_503_before_any_stream() {
         1.0
     );
     assert_eq!(gw.metric("events_gateway_connections_limit").await, 2.0);
+    // Full: out of the load balancers' rotation until a stream ends.
+    assert_eq!(gw.status_of("/__heartbeat__").await, 503);
+    let details: serde_json::Value =
+        serde_json::from_str(&gw.text("/__heartbeat__").await).expect("json");
+    assert_eq!(details["full"], true, "{details}");
 
     drop(a);
     let c = poll_until(Duration::from_secs(1), || async {
@@ -144,9 +149,14 @@ async fn connections_over_the_limit_get_503_before_any_stream() {
         (attempt.status == 200).then_some(attempt)
     })
     .await;
-    c.expect("a slot frees when a client leaves")
-        .expect("ready")
-        .await;
+    let mut c = c.expect("a slot frees when a client leaves");
+    c.expect("ready").await;
+    drop(b);
+    let back = poll_until(Duration::from_secs(1), || async {
+        (gw.status_of("/__heartbeat__").await == 200).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "a replica with room is back in rotation");
     gw.shutdown().await;
 }
 

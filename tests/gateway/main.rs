@@ -12,6 +12,7 @@ mod integrity;
 mod limits;
 mod protocol;
 mod proxy;
+mod replicas;
 mod resilience;
 mod resume;
 mod sharing;

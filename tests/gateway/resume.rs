@@ -6,57 +6,6 @@ use std::time::Duration;
 
 use events_gateway_test_support::*;
 
-/// One SSE frame: event, data, id (`None` when the frame has no `id:` line).
-#[derive(Debug, Clone)]
-struct Frame {
-    event: String,
-    data: String,
-    id: Option<String>,
-}
-
-/// The complete frames in a raw client's body so far.
-fn frames(raw: &RawClient) -> Vec<Frame> {
-    let Some(at) = find(&raw.buf, b"\r\n\r\n") else {
-        return Vec::new();
-    };
-    let body = String::from_utf8_lossy(&raw.buf[at + 4..]).into_owned();
-    let mut out = Vec::new();
-    let mut rest = body.as_str();
-    while let Some(end) = rest.find("\n\n") {
-        let text = &rest[..end];
-        rest = &rest[end + 2..];
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(str::to_owned)
-        };
-        out.push(Frame {
-            event: field("event: ").unwrap_or_default(),
-            data: field("data: ").unwrap_or_default(),
-            id: field("id: ").or_else(|| text.lines().any(|l| l == "id:").then(String::new)),
-        });
-    }
-    out
-}
-
-/// The `n` of every message frame, in order.
-fn numbers(frames: &[Frame]) -> Vec<u64> {
-    frames
-        .iter()
-        .filter(|f| f.event == "message")
-        .filter_map(|f| message_json(&f.data)["payload"]["n"].as_u64())
-        .collect()
-}
-
-/// The last id a browser would remember (the last frame with a non-empty id).
-fn last_id(frames: &[Frame]) -> String {
-    frames
-        .iter()
-        .rev()
-        .find_map(|f| f.id.clone().filter(|id| !id.is_empty()))
-        .expect("an id")
-}
-
 /// The connect path of a resumable stream on all of `exchange`.
 fn resumable_path(exchange: &str) -> String {
     format!(
