@@ -229,17 +229,59 @@ pub fn parse_json(text: &str, limits: &Limits) -> Result<BindingSet, BindingErro
         };
         let exchange = name(exchange, index, Field::Exchange)?;
         let pattern = name(pattern, index, Field::RoutingKeyPattern)?;
-        if exchange.is_empty() {
-            return Err(BindingError::EmptyExchange { index });
-        }
-        check_allowed(exchange, limits)?;
-        check_pattern(pattern, index, limits)?;
-        out.push(Binding {
-            exchange: exchange.to_owned(),
-            pattern: pattern.to_owned(),
-        });
+        out.push(checked(exchange, pattern, index, limits)?);
     }
     Ok(BindingSet::new(out))
+}
+
+/// Validates bindings given as strings (the WebSocket protocol's subscribe frames) with
+/// the checks of [`parse_json`]: lengths, exchange prefixes, pattern words and wildcards.
+pub fn check_pairs<'a>(
+    pairs: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+    limits: &Limits,
+) -> Result<BindingSet, BindingError> {
+    if pairs.len() > limits.max_bindings {
+        return Err(BindingError::TooMany {
+            given: pairs.len(),
+            max: limits.max_bindings,
+        });
+    }
+    let mut out = Vec::with_capacity(pairs.len());
+    for (index, (exchange, pattern)) in pairs.enumerate() {
+        for (field, value) in [
+            (Field::Exchange, exchange),
+            (Field::RoutingKeyPattern, pattern),
+        ] {
+            if value.len() > MAX_NAME_BYTES {
+                return Err(BindingError::TooLong {
+                    index,
+                    field,
+                    len: value.len(),
+                });
+            }
+        }
+        out.push(checked(exchange, pattern, index, limits)?);
+    }
+    Ok(BindingSet::new(out))
+}
+
+/// One binding whose strings are within AMQP's length: its exchange named and allowed,
+/// its pattern within the word and wildcard limits.
+fn checked(
+    exchange: &str,
+    pattern: &str,
+    index: usize,
+    limits: &Limits,
+) -> Result<Binding, BindingError> {
+    if exchange.is_empty() {
+        return Err(BindingError::EmptyExchange { index });
+    }
+    check_allowed(exchange, limits)?;
+    check_pattern(pattern, index, limits)?;
+    Ok(Binding {
+        exchange: exchange.to_owned(),
+        pattern: pattern.to_owned(),
+    })
 }
 
 fn name(value: &Value, index: usize, field: Field) -> Result<&str, BindingError> {

@@ -42,6 +42,10 @@ pub struct Config {
     pub stream: StreamSettings,
     pub tcp_keepalive: Duration,
     pub cors_origin: String,
+    /// The WebSocket endpoints' timers.
+    pub ws: crate::ws::Settings,
+    /// `WS_ALLOWED_ORIGINS`.
+    pub ws_allowed_origins: String,
     pub shutdown_grace: Duration,
     pub log_level: String,
     pub log_json: bool,
@@ -64,6 +68,8 @@ impl std::fmt::Debug for Config {
             .field("stream", &self.stream)
             .field("tcp_keepalive", &self.tcp_keepalive)
             .field("cors_origin", &self.cors_origin)
+            .field("ws", &self.ws)
+            .field("ws_allowed_origins", &self.ws_allowed_origins)
             .field("shutdown_grace", &self.shutdown_grace)
             .finish()
     }
@@ -208,6 +214,12 @@ impl Config {
             },
             tcp_keepalive: args.tcp_keepalive,
             cors_origin: args.cors_origin,
+            ws: crate::ws::Settings {
+                ping_interval: args.ws_ping_interval,
+                init_timeout: args.ws_init_timeout,
+                lifetime: args.ws_lifetime,
+            },
+            ws_allowed_origins: args.ws_allowed_origins,
             shutdown_grace: args.shutdown_grace,
             log_level: args.log_level,
             log_json: args.log_format == "json",

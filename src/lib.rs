@@ -50,6 +50,7 @@ mod testing;
 mod topic;
 mod topology;
 mod wire;
+mod ws;
 
 // The public API: configure, start (or run) and stop a gateway, and look at it.
 pub use broker::Broker;
@@ -161,6 +162,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cors_origin,
         started: Instant::now(),
         draining: draining.clone(),
+        websocket: Arc::new(ws::Context {
+            streams: streams.clone(),
+            settings: config.ws,
+            origins: ws::Origins::parse(&config.ws_allowed_origins),
+            tasks: fanout.tasks.clone(),
+            closing: fanout.closing.clone(),
+        }),
     });
     let listener = server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -11,6 +11,7 @@ use crate::broker::BrokerSettings;
 use crate::config::{Args, Config, HOSTNAME_ENV};
 use crate::metrics::{
     DROP_REASONS, HTTP_ERRORS, LIMITS, Metrics, OUTCOMES, REFUSAL_REASONS, RESUME_OUTCOMES,
+    WS_ENDS, WS_HANDSHAKES,
 };
 
 /// The manifest as JSON, with `config` (the configuration the binary was given, already
@@ -84,7 +85,8 @@ fn metrics() -> Value {
     json!({
         "families": families,
         "labels": {
-            "outcome": ([OUTCOMES, RESUME_OUTCOMES].concat()),
+            "outcome": ([OUTCOMES, RESUME_OUTCOMES, WS_HANDSHAKES].concat()),
+            "end": WS_ENDS,
             "kind": ([HTTP_ERRORS, LIMITS].concat()),
             "reason": ([DROP_REASONS, REFUSAL_REASONS].concat()),
         },

@@ -18,6 +18,9 @@ pub struct Frame {
     pub bytes: Bytes,
     pub received: Instant,
     pub kind: FrameKind,
+    /// A message's `CC` entries as a JSON array (empty: none), for the WebSocket
+    /// protocol's `message.cc`; the SSE frame carries only the `route.` ones.
+    pub cc: Bytes,
 }
 
 /// What a frame does to a stream.
@@ -47,6 +50,7 @@ impl Frame {
             bytes,
             received,
             kind: FrameKind::Message,
+            cc: Bytes::new(),
         }
     }
 
@@ -56,6 +60,7 @@ impl Frame {
             bytes,
             received: Instant::now(),
             kind: FrameKind::Comment,
+            cc: Bytes::new(),
         }
     }
 
@@ -65,6 +70,7 @@ impl Frame {
             bytes: comment,
             received: Instant::now(),
             kind: FrameKind::Missed,
+            cc: Bytes::new(),
         }
     }
 
@@ -74,6 +80,7 @@ impl Frame {
             bytes,
             received: Instant::now(),
             kind: FrameKind::End,
+            cc: Bytes::new(),
         }
     }
 
@@ -83,7 +90,19 @@ impl Frame {
             bytes: Bytes::new(),
             received: Instant::now(),
             kind: FrameKind::Drain,
+            cc: Bytes::new(),
         }
+    }
+
+    /// The same frame with the message's `CC` entries (see [`Incoming::cc_json`]).
+    pub fn with_cc(mut self, cc: Bytes) -> Self {
+        self.cc = cc;
+        self
+    }
+
+    /// The bytes the frame holds (its SSE bytes and its `CC` list): what a log counts.
+    pub fn size(&self) -> usize {
+        self.bytes.len() + self.cc.len()
     }
 
     /// Whether the stream ends with this frame.
@@ -174,6 +193,24 @@ impl Incoming<'_> {
         }
         out.extend_from_slice(b"]}\nid: -\n\n");
         Ok(Bytes::from(out))
+    }
+
+    /// The `CC` entries as a JSON array, encoded once for every WebSocket client; empty
+    /// (no allocation) when there are none.
+    pub fn cc_json(&self) -> Bytes {
+        if self.cc.is_empty() {
+            return Bytes::new();
+        }
+        let mut out = Vec::with_capacity(self.cc.iter().map(|c| c.len() + 3).sum::<usize>() + 2);
+        out.push(b'[');
+        for (i, cc) in self.cc.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            push_json_string(&mut out, cc);
+        }
+        out.push(b']');
+        Bytes::from(out)
     }
 
     /// The `CC` entries starting with `route.`, prefix removed.

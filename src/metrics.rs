@@ -11,7 +11,7 @@ mod labels;
 
 pub use labels::{
     BROKER_FAILURE_STAGES, DROP_REASONS, HTTP_ERRORS, LIMITS, OUTCOMES, REFUSAL_REASONS,
-    RESUME_OUTCOMES,
+    RESUME_OUTCOMES, WS_ENDS, WS_HANDSHAKES,
 };
 
 /// Every metric the gateway exports. Cheap to clone (one `Arc`): every client stream
@@ -55,6 +55,10 @@ pub struct MetricsInner {
     pub http_errors: IntCounterVec,
     pub time_to_ready: Histogram,
     pub fanout_latency: Histogram,
+    pub websocket_handshakes: IntCounterVec,
+    pub websocket_closes: IntCounterVec,
+    pub websocket_subscriptions: IntGauge,
+    pub websocket_messages: IntCounter,
 }
 
 impl Metrics {
@@ -65,7 +69,7 @@ impl Metrics {
                 &registry,
                 IntGauge::new(
                 "events_gateway_connections_open",
-                "SSE client connections currently open",
+                "Client connections currently open: SSE streams and WebSocket connections",
             ),
             ),
             connections_pending: registered(
@@ -276,6 +280,40 @@ impl Metrics {
                 ]),
             ),
             ),
+            websocket_handshakes: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "events_gateway_websocket_handshakes_total",
+                        "WebSocket handshakes (/subscription/raw, /subscription/named) by outcome: upgraded, origin (403: not in WS_ALLOWED_ORIGINS), draining (503), over_limit (503: MAX_CONNECTIONS), over_address_limit (503: MAX_CONNECTIONS_PER_ADDRESS)",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            websocket_closes: registered(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "events_gateway_websocket_closes_total",
+                        "WebSocket connections ended, by the close code the gateway sent (4400 protocol error, 4408 lifetime, 1012 draining, 1013 too slow) or why it sent none (client_closed, client_gone, missed_pong, stalled)",
+                    ),
+                    &["end"],
+                ),
+            ),
+            websocket_subscriptions: registered(
+                &registry,
+                IntGauge::new(
+                    "events_gateway_websocket_subscriptions",
+                    "Subscriptions held by WebSocket connections (each a client of a shared subscription, like an SSE stream)",
+                ),
+            ),
+            websocket_messages: registered(
+                &registry,
+                IntCounter::new(
+                    "events_gateway_websocket_messages_delivered_total",
+                    "Message frames written to WebSocket connections (also counted in events_gateway_messages_delivered_total)",
+                ),
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]
@@ -301,6 +339,12 @@ impl Metrics {
         }
         for kind in LIMITS {
             m.limit.with_label_values(&[*kind]);
+        }
+        for outcome in WS_HANDSHAKES {
+            m.websocket_handshakes.with_label_values(&[*outcome]);
+        }
+        for end in WS_ENDS {
+            m.websocket_closes.with_label_values(&[*end]);
         }
         for stage in BROKER_FAILURE_STAGES {
             m.broker_connect_failures.with_label_values(&[*stage]);
@@ -337,6 +381,18 @@ impl Metrics {
         self.limit
             .with_label_values(&[kind])
             .set(i64::try_from(value).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a WebSocket handshake (outcome one of [`WS_HANDSHAKES`]).
+    pub fn websocket_handshake(&self, outcome: &str) {
+        self.websocket_handshakes
+            .with_label_values(&[outcome])
+            .inc();
+    }
+
+    /// Counts a WebSocket connection's end (one of [`WS_ENDS`]).
+    pub fn websocket_closed(&self, end: &str) {
+        self.websocket_closes.with_label_values(&[end]).inc();
     }
 
     /// Counts dropped messages (reason one of [`DROP_REASONS`]).

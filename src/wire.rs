@@ -11,6 +11,16 @@
 
 use std::time::SystemTime;
 
+/// The peer of a request served by hyper: the server loop puts it in the request's
+/// extensions, for the routes that count clients by address.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    /// The connection came within the descriptor reserve: it may be answered, not kept
+    /// (a WebSocket handshake gets 503).
+    pub in_reserve: bool,
+}
+
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 
 /// The HTTP version a client spoke: the answer uses the same.

@@ -53,6 +53,17 @@ impl Slot {
         }
     }
 
+    /// A new, empty share of the connection's address: a WebSocket connection holds one
+    /// per subscription, with that subscription's membership.
+    pub fn new_share(&self) -> Share {
+        Share {
+            admission: self.admission.clone(),
+            key: self.key,
+            bindings: 0,
+            exchanges: Vec::new(),
+        }
+    }
+
     /// What the connection holds of its address's share, to be held elsewhere (with its
     /// subscription) from now on.
     pub fn take_share(&mut self) -> Option<Share> {
@@ -61,7 +72,8 @@ impl Slot {
 }
 
 impl Share {
-    fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
+    /// Counts `set` against the address's share, or says which share it would pass.
+    pub fn hold(&mut self, set: &BindingSet) -> Result<(), OverShare> {
         let limits = &self.admission.limits;
         let Some(mut state) = self.admission.addresses.get_mut(&self.key) else {
             return Ok(());

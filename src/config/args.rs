@@ -227,6 +227,25 @@ pub struct Args {
     #[arg(long, env = "PREFETCH", default_value_t = 1000)]
     pub prefetch: u16,
 
+    /// Origins a browser may open a WebSocket connection (`/subscription/raw`, `/named`)
+    /// from: `*`, or a comma-separated list such as `https://tc.example.com`; others get
+    /// 403. A client that sends no Origin (not a browser) is always allowed.
+    #[arg(long, env = "WS_ALLOWED_ORIGINS", default_value = "*")]
+    pub ws_allowed_origins: String,
+
+    /// Time between WebSocket pings; a connection that answered nothing since the last
+    /// one is cut.
+    #[arg(long, env = "WS_PING_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub ws_ping_interval: Duration,
+
+    /// A WebSocket client must send `connection_init` within this, or is closed with 4400.
+    #[arg(long, env = "WS_INIT_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ws_init_timeout: Duration,
+
+    /// A WebSocket connection is closed with 4408 after this (the UI reconnects).
+    #[arg(long, env = "WS_LIFETIME", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub ws_lifetime: Duration,
+
     /// Value of Access-Control-Allow-Origin.
     #[arg(long, env = "CORS_ORIGIN", default_value = "*")]
     pub cors_origin: String,

@@ -41,6 +41,12 @@ pub(super) fn check_not_zero(args: &Args) -> Result<(), ConfigError> {
         ("QUEUE_MAX_BYTES", args.queue_max_bytes),
         ("PREFETCH", args.prefetch as usize),
         ("PING_INTERVAL", args.ping_interval.as_millis() as usize),
+        (
+            "WS_PING_INTERVAL",
+            args.ws_ping_interval.as_millis() as usize,
+        ),
+        ("WS_INIT_TIMEOUT", args.ws_init_timeout.as_millis() as usize),
+        ("WS_LIFETIME", args.ws_lifetime.as_millis() as usize),
         ("READY_TIMEOUT", args.ready_timeout.as_millis() as usize),
         (
             "HEADER_READ_TIMEOUT",
@@ -67,6 +73,14 @@ pub(super) fn check_bounded(args: &Args) -> Result<(), ConfigError> {
     const DAY: Duration = Duration::from_secs(24 * 3600);
     for (name, value, max, max_text) in [
         ("PING_INTERVAL", args.ping_interval, DAY, "24h"),
+        ("WS_PING_INTERVAL", args.ws_ping_interval, DAY, "24h"),
+        ("WS_INIT_TIMEOUT", args.ws_init_timeout, DAY, "24h"),
+        (
+            "WS_LIFETIME",
+            args.ws_lifetime,
+            Duration::from_secs(30 * 24 * 3600),
+            "30 days",
+        ),
         ("READY_TIMEOUT", args.ready_timeout, DAY, "24h"),
         ("HEADER_READ_TIMEOUT", args.header_read_timeout, DAY, "24h"),
         ("SHUTDOWN_GRACE", args.shutdown_grace, DAY, "24h"),

@@ -47,7 +47,7 @@ pub(super) fn stream(frames: Bytes) -> Response {
 }
 
 /// A refusal by a limit: its text for the client and its metric label.
-pub(super) trait Refused: std::fmt::Display {
+pub(crate) trait Refused: std::fmt::Display {
     fn reason(&self) -> &'static str;
 }
 
@@ -65,7 +65,7 @@ impl Refused for OverShare {
 
 /// Logs a refusal, at most once a second (with how many were not logged): a client that
 /// is refused in a loop must not flood the logs.
-pub(super) fn log_refusal(refusal: &dyn Refused, client: std::net::IpAddr) {
+pub(crate) fn log_refusal(refusal: &dyn Refused, client: std::net::IpAddr) {
     static LIMITER: crate::telemetry::RateLimited = crate::telemetry::RateLimited::new();
     if let Some(suppressed) = LIMITER.allow() {
         tracing::info!(%client, reason = refusal.reason(), suppressed, "subscription refused: {refusal}");

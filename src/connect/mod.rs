@@ -38,7 +38,7 @@ use crate::metrics::Metrics;
 use crate::registry::{Client, Registry};
 use crate::subscription::StreamSettings;
 use crate::wire::{self, LAST_CHUNK, Version};
-use answers::{Refused, log_refusal};
+pub(crate) use answers::{Refused, log_refusal};
 pub use opening::Handoff;
 use opening::Opening;
 

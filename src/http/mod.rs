@@ -10,6 +10,7 @@
 //! | `GET /__version__` | `{"version","commit","source","build"}` | [`health`] |
 //! | `GET /metrics` | Prometheus text format | [`health`] |
 //! | `POST /api/events/v1/publish` | embedded broker only: publish a message | [`publish`] |
+//! | `GET /subscription/raw`, `/subscription/named` | Taskcluster's WebSocket protocol | [`crate::ws`] |
 //! | `OPTIONS *` | CORS preflight | [`preflight`] |
 //!
 //! Every response carries the CORS and security headers Taskcluster's lib-api sends, first,
@@ -49,6 +50,8 @@ pub const ROUTES: &[&str] = &[
     "/__version__",
     "/metrics",
     "/api/events/v1/publish",
+    "/subscription/raw",
+    "/subscription/named",
 ];
 
 /// What the handlers share.
@@ -62,6 +65,8 @@ pub struct State {
     pub started: Instant,
     /// Cancelled when the process starts draining.
     pub draining: tokio_util::sync::CancellationToken,
+    /// The WebSocket endpoints' context.
+    pub websocket: Arc<crate::ws::Context>,
 }
 
 /// A filter that answers one route.
@@ -78,6 +83,8 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
     let cors = state.cors_origin.clone();
     connect::route(state.streams.clone())
+        .or(crate::ws::route(state.websocket.clone()))
+        .unify()
         .or(page())
         .unify()
         .or(health::ping(state.clone()))

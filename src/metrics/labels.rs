@@ -64,6 +64,29 @@ pub const HTTP_ERRORS: &[&str] = &[
     "other",
 ];
 
+/// Outcomes counted in `events_gateway_websocket_handshakes_total`.
+pub const WS_HANDSHAKES: &[&str] = &[
+    "upgraded",
+    "origin",
+    "draining",
+    "over_limit",
+    "over_address_limit",
+];
+
+/// How WebSocket connections ended, counted in `events_gateway_websocket_closes_total`:
+/// the close code the gateway sent, or why it sent none.
+pub const WS_ENDS: &[&str] = &[
+    "4400",
+    "4408",
+    "1012",
+    "1013",
+    "other",
+    "client_closed",
+    "client_gone",
+    "missed_pong",
+    "stalled",
+];
+
 /// Reasons counted in `events_gateway_messages_dropped_total`.
 pub const DROP_REASONS: &[&str] = &["slow_client", "malformed", "unroutable", "duplicate"];
 

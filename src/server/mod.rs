@@ -7,7 +7,8 @@
 //!   subscription's writers. An idle stream costs its socket and a few hundred bytes.
 //! - Every other request is served by hyper with the warp routes, from the bytes read so
 //!   far on. hyper serves that one request and closes the connection (`Connection:
-//!   close`), so that every connection's first request decides who serves it.
+//!   close`), so that every connection's first request decides who serves it; a
+//!   WebSocket handshake hands the connection over to its session (`ws`).
 //!
 //! We run our own loop rather than `warp::serve` for that split, and to set the limits an
 //! exposed service needs: a header read timeout against slow-header clients, a bound on
@@ -218,6 +219,10 @@ where
                 Head::Other => {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                     let io = Rewind::new(buf.freeze(), socket);
+                    let peer = crate::wire::Peer {
+                        addr: peer,
+                        in_reserve,
+                    };
                     return self.hyper(io, peer, left, pending).await;
                 }
                 Head::Ambiguous => {
@@ -253,26 +258,41 @@ where
     }
 
     /// Serves the connection's next request with hyper and the warp routes (its head due
-    /// within `head_timeout`), then closes; `_pending` is held until then.
+    /// within `head_timeout`), then closes; `_pending` is held until then. Every answer
+    /// but a `101` (a WebSocket handshake, whose connection goes to its session) says
+    /// `Connection: close`, and hyper closes after it: hyper's own `keep_alive(false)`
+    /// would put `close` on the `101` too (`upgrade, close`, which clients refuse).
     async fn hyper(
         &self,
         io: Rewind,
-        peer: SocketAddr,
+        peer: crate::wire::Peer,
         head_timeout: Duration,
         _pending: Option<Pending>,
     ) {
         let service = warp::service(self.routes.clone());
-        let hyper_service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let mut service = service.clone();
-            service.call(req)
+        let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(peer);
+            let answer = service.clone().call(req);
+            async move {
+                let mut resp = answer.await?;
+                if resp.status() != warp::http::StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut().insert(
+                        warp::http::header::CONNECTION,
+                        warp::http::HeaderValue::from_static("close"),
+                    );
+                }
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(head_timeout.max(Duration::from_millis(1)))
             .max_header_size(MAX_HEAD_BYTES)
             .max_buf_size(MAX_HEAD_BYTES.max(8192))
-            .keep_alive(false)
-            .serve_connection(TokioIo::new(io), hyper_service);
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), hyper_service)
+            // A WebSocket handshake (`ws`) hands the connection to its session.
+            .with_upgrades();
         let mut conn = std::pin::pin!(conn);
         let result = tokio::select! {
             result = conn.as_mut() => result,
@@ -294,7 +314,7 @@ where
                 "other"
             };
             self.metrics.http_error(kind);
-            tracing::debug!(%peer, error = %err, kind, "connection ended with an error");
+            tracing::debug!(peer = %peer.addr, error = %err, kind, "connection ended with an error");
         }
     }
 }

@@ -100,7 +100,7 @@ impl Log {
     /// appends `frame`; returns its sequence number. A frame larger than the byte bound is
     /// kept, alone.
     pub fn push(&mut self, frame: Frame) -> u64 {
-        let len = frame.bytes.len();
+        let len = frame.size();
         while !self.frames.is_empty()
             && (self.frames.len() >= self.limits.max_frames.max(1)
                 || self.bytes + len > self.limits.max_bytes)
@@ -166,9 +166,9 @@ impl Log {
     /// Drops the oldest frame.
     pub fn pop_front(&mut self) {
         if let Some(frame) = self.frames.pop_front() {
-            self.bytes -= frame.bytes.len();
+            self.bytes -= frame.size();
             if let Some(budget) = &self.budget {
-                budget.sub(frame.bytes.len() + SLOT_BYTES);
+                budget.sub(frame.size() + SLOT_BYTES);
             }
             self.first += 1;
         }

@@ -5,7 +5,9 @@
 //! calls [`Subscription::send`], which appends the frame (encoded once, shared `Bytes`) to
 //! the [`Log`] and wakes the subscription's writer shards: one wake per shard, never one
 //! per client. Each [`shard`] is a task that owns up to [`SHARD_CLIENTS`] client sockets
-//! and writes the new frames to all of them in one pass, with non-blocking writes.
+//! and writes the new frames to all of them in one pass, with non-blocking writes. A
+//! [`Tap`] reads the same log at its own pace instead (a WebSocket subscription, whose
+//! connection task writes its own frames); the writers never wait for it.
 //!
 //! Invariants:
 //! - the stream rule: every client's stream is the subscription's frames in order from
@@ -44,6 +46,7 @@ mod shard;
 #[cfg(test)]
 mod sim;
 mod socket;
+mod tap;
 #[cfg(test)]
 mod tests;
 mod write;
@@ -60,6 +63,7 @@ pub use fanout::{Fanout, SHARD_CLIENTS, StreamSettings};
 pub use log::{Log, LogLimits};
 pub use position::{Gap, Position};
 pub use replay::ReplayBudget;
+pub use tap::{Taken, Tap};
 
 use crate::binding::BindingSet;
 use crate::message::{self, Frame};
@@ -75,6 +79,9 @@ pub struct Subscription {
     state: Mutex<State>,
     /// Clients holding this subscription; changed only under the registry's shard lock.
     pub(crate) clients: AtomicUsize,
+    /// Taps reading the log at their own pace (see [`tap`]), and how they are woken.
+    taps: AtomicUsize,
+    notify: tokio::sync::Notify,
     /// When the last client left, while the subscription lingers for a reconnect (see
     /// the registry's `linger`); changed only under the registry's map lock.
     pub(crate) left_at: Mutex<Option<tokio::time::Instant>>,
@@ -134,6 +141,8 @@ impl Subscription {
                 ends: VecDeque::new(),
             }),
             clients: AtomicUsize::new(1),
+            taps: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
             left_at: Mutex::new(None),
             queued: std::sync::atomic::AtomicBool::new(false),
             charge: Mutex::new(None),
@@ -167,6 +176,7 @@ impl Subscription {
         }
         let resumable = state.resumable;
         drop(state);
+        self.wake_taps();
         if resumable && self.fanout.replay.over() {
             self.fanout.replay.trim();
         }

@@ -104,3 +104,43 @@ fn replay_memory_is_bounded_over_all_subscriptions_oldest_first() {
         "a log gives its bytes back when it goes"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_tap_reads_each_frame_once_in_order_is_told_what_it_lost_and_releases_its_pin() {
+    let mut settings = StreamSettings::default();
+    settings.log.max_frames = 4;
+    let fanout = Fanout::new(settings, Metrics::new());
+    let sub = Arc::new(Subscription::new(subscription().bindings.clone(), fanout));
+    let mut tap = sub.tap(sub.pin());
+    let frame = |n: u8| Frame::message(Bytes::from(vec![n]), Instant::now());
+
+    // Woken by a frame sent while it waits.
+    let waiter = sub.clone();
+    let wait = tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        waiter.send(frame(1));
+    });
+    tokio::time::timeout(Duration::from_secs(5), tap.changed())
+        .await
+        .expect("woken by the frame");
+    wait.await.expect("sender");
+    sub.send(frame(2));
+    let firsts = |taken: Taken| match taken {
+        Taken::Frames(frames) => frames.iter().map(|f| f.bytes[0]).collect::<Vec<_>>(),
+        Taken::Lagged(n) => panic!("lagged {n}"),
+    };
+    assert_eq!(firsts(tap.take(1)), vec![1]);
+    assert_eq!(firsts(tap.take(10)), vec![2]);
+    assert_eq!(firsts(tap.take(10)), Vec::<u8>::new());
+    // The log holds what the tap has not read, within its bounds: 6 frames into 4.
+    for n in 3..9 {
+        sub.send(frame(n));
+    }
+    assert!(matches!(tap.take(10), Taken::Lagged(2)));
+    assert_eq!(firsts(tap.take(10)), vec![5, 6, 7, 8]);
+    assert_eq!(sub.held().0, 0, "nothing kept past the tap's position");
+    sub.send(frame(9));
+    assert_eq!(sub.held().0, 1, "kept for the tap");
+    drop(tap);
+    assert_eq!(sub.held().0, 0, "the pin went with the tap");
+}

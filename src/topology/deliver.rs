@@ -36,7 +36,7 @@ impl Topology {
             return 0;
         }
         let frame = match msg.encode() {
-            Ok(bytes) => Frame::message(bytes, received),
+            Ok(bytes) => Frame::message(bytes, received).with_cc(msg.cc_json()),
             Err(err) => {
                 self.metrics.dropped("malformed", 1);
                 log_malformed(exchange, msg.routing_key, &err);

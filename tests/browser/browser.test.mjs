@@ -194,9 +194,13 @@ test('connect, receive published messages, filter them, and show the curl comman
     await page.waitForFunction(() => parseFloat(document.querySelector('[data-testid="rate"]').textContent) > 0, null, {timeout: 5000});
     await page.waitForFunction(() => /^\d\d:\d\d:\d\dZ$/.test(document.querySelector('[data-testid="last-ping"]').textContent), null, {timeout: 5000});
 
-    // The curl command is the same stream, with the bindings encoded as the README does.
+    // The curl command is the same stream, with the bindings encoded as the README does,
+    // in their canonical form (sorted by exchange, then pattern), as the page sends them.
     const curl = await byId(page, 'curl').textContent();
-    const url = `${gw.origin}${CONNECT_PATH}?bindings=${encodeURIComponent(JSON.stringify(EXAMPLE))}&resume=1`;
+    const cmp = (x, y) => x < y ? -1 : x > y ? 1 : 0;
+    const canonical = {bindings: [...EXAMPLE.bindings].sort((x, y) =>
+      cmp(x.exchange, y.exchange) || cmp(x.routingKeyPattern, y.routingKeyPattern))};
+    const url = `${gw.origin}${CONNECT_PATH}?bindings=${encodeURIComponent(JSON.stringify(canonical))}&resume=1`;
     assert.equal(curl, `curl -N '${url}'`);
     const out = await runShell(`${curl} -s --max-time 2`, 5000);
     assert.match(out, /^event: ready\ndata: \{\}\nid: [0-9a-f]{16}-[0-9a-f]{16}-\d+\n/,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the SSE client libraries people use against the real gateway (embedded broker):
 # the npm `eventsource` package (2.0.2, 4.1.1) and `@microsoft/fetch-event-source` (2.0.1)
-# with Node, and the README's Python client (httpx + httpx-sse, pinned in
+# with Node; a listener that behaves as the Taskcluster UI's (ui-listener.mjs) on the
+# WebSocket endpoints; and the README's Python client (httpx + httpx-sse, pinned in
 # requirements.txt, installed into tests/clients/.venv).
 #
 # Needs the gateway binary (GATEWAY_BIN, default target/debug/events-gateway: build it
@@ -21,6 +22,12 @@ fi
 echo "== Node: eventsource 2.0.2 and 4.1.1, fetch-event-source 2.0.1"
 npm ci --no-audit --no-fund --loglevel=error
 timeout --kill-after=10 600 node --test --test-concurrency=1 --test-reporter=spec clients.test.mjs
+
+echo "== Node: Taskcluster's WebSocket protocol as its UI's listener uses it"
+# Node 20 has the standard WebSocket behind a flag; later versions have it by default.
+ws_flag=()
+node -e 'process.exit(typeof WebSocket === "undefined" ? 1 : 0)' || ws_flag=(--experimental-websocket)
+timeout --kill-after=10 300 node "${ws_flag[@]}" --test --test-concurrency=1 --test-reporter=spec ui.test.mjs
 
 echo "== Python: httpx-sse 0.4.3 (tests/clients/watch.py)"
 if [ ! -x .venv/bin/python ]; then

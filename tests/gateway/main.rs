@@ -17,3 +17,4 @@ mod resilience;
 mod resume;
 mod sharing;
 mod topic;
+mod websocket;

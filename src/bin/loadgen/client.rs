@@ -34,7 +34,7 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn record(&mut self, seq: u64, ts_ns: u64, now_ns: u64) {
+    pub(crate) fn record(&mut self, seq: u64, ts_ns: u64, now_ns: u64) {
         let (word, bit) = ((seq / 64) as usize, seq % 64);
         if self.seqs.len() <= word {
             self.seqs.resize(word + 1, 0);
@@ -58,7 +58,7 @@ pub struct Client {
     pub pattern: usize,
     pub ready_after: Duration,
     pub seen: Arc<Mutex<Seen>>,
-    task: JoinHandle<()>,
+    pub(crate) task: JoinHandle<()>,
 }
 
 /// Every client, connected and ready.
@@ -83,12 +83,19 @@ pub async fn connect_all(
     while next < args.clients || !pending.is_empty() {
         while next < args.clients && pending.len() < args.connect_concurrency {
             let source = source_address(next, args.clients_per_source);
-            let query = scenario.query(next);
             let pattern = scenario.client_pattern[next];
             let received = received.clone();
-            pending.push(tokio::spawn(async move {
-                connect(gateway, source, &query, pattern, received).await
-            }));
+            if args.websocket {
+                let subscribe = scenario.subscribe_frame(next);
+                pending.push(tokio::spawn(async move {
+                    crate::websocket::connect(gateway, source, subscribe, pattern, received).await
+                }));
+            } else {
+                let query = scenario.query(next);
+                pending.push(tokio::spawn(async move {
+                    connect(gateway, source, &query, pattern, received).await
+                }));
+            }
             next += 1;
         }
         match pending.next().await {
@@ -146,7 +153,7 @@ pub async fn connect_stuck(
 /// Source addresses: `per_source` clients on each, starting at a random 127.x.y.1 per run
 /// (one address has about 28k ephemeral ports towards one destination, and the sockets a
 /// previous run left in TIME_WAIT keep theirs busy for a minute).
-fn source_address(i: usize, per_source: usize) -> IpAddr {
+pub(crate) fn source_address(i: usize, per_source: usize) -> IpAddr {
     static BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let base = *BASE.get_or_init(|| {
         u32::from(Ipv4Addr::new(
@@ -168,10 +175,7 @@ async fn connect(
     received: Arc<AtomicU64>,
 ) -> anyhow::Result<Client> {
     let started = Instant::now();
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::new(source, 0))?;
-    let mut stream = socket.connect(gateway).await?;
-    stream.set_nodelay(true)?;
+    let mut stream = dial(gateway, source).await?;
     let request = format!("GET /api/events/v1/connect/?{query} HTTP/1.0\r\nHost: gateway\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(4096);
@@ -203,6 +207,18 @@ async fn connect(
         seen,
         task,
     })
+}
+
+/// A client's TCP connection to the gateway from `source`, small writes sent at once.
+pub(crate) async fn dial(
+    gateway: SocketAddr,
+    source: IpAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(gateway).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Reads frames until the connection closes, recording every `message`.
@@ -297,7 +313,7 @@ impl Clients {
     }
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -313,7 +329,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The decimal number right after `key` in `frame`.
-fn number_after(frame: &[u8], key: &[u8]) -> Option<u64> {
+pub(crate) fn number_after(frame: &[u8], key: &[u8]) -> Option<u64> {
     let start = find(frame, key)? + key.len();
     let digits = frame[start..]
         .iter()

@@ -21,6 +21,7 @@ mod gateway;
 mod publisher;
 mod report;
 mod scenario;
+mod websocket;
 
 use std::time::Duration;
 
@@ -71,6 +72,11 @@ pub struct Args {
     /// Clients ask for resumable streams (`resume=1`: every message carries its id).
     #[arg(long)]
     pub resume: bool,
+
+    /// Clients speak Taskcluster's WebSocket protocol (`/subscription/raw`, one
+    /// subscription each) instead of SSE.
+    #[arg(long, conflicts_with_all = ["resume", "stuck"])]
+    pub websocket: bool,
 
     /// Clients connecting at the same time while ramping up.
     #[arg(long, default_value_t = 256)]

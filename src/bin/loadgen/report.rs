@@ -31,6 +31,7 @@ impl Report {
         r.set("clients", json!(args.clients));
         r.set("stuck_clients", json!(args.stuck));
         r.set("resume", json!(args.resume));
+        r.set("websocket", json!(args.websocket));
         if args.scenario == "treeherder" {
             r.set("patterns", json!(args.patterns));
         }

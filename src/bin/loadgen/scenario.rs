@@ -92,6 +92,15 @@ impl Scenario {
             .min(self.cumulative.len() - 1)
     }
 
+    /// The raw subscribe frame of client `c` (the WebSocket protocol).
+    pub fn subscribe_frame(&self, c: usize) -> String {
+        let p = &self.patterns[self.client_pattern[c]];
+        format!(
+            r#"{{"type":"subscribe","bindings":[{{"exchange":"{}","pattern":"{}"}}]}}"#,
+            self.exchanges[p.exchange], p.binding
+        )
+    }
+
     /// The bindings query of client `c`.
     pub fn query(&self, c: usize) -> String {
         let p = &self.patterns[self.client_pattern[c]];

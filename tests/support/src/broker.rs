@@ -110,6 +110,21 @@ impl Broker {
         exchange
     }
 
+    /// A topic exchange with exactly this name (deleted with the others when dropped), for
+    /// names the gateway resolves itself (Taskcluster's named events).
+    pub async fn declare_exact(&self, exchange: &str) {
+        self.channel
+            .exchange_declare(
+                exchange.into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare exchange");
+        self.declared_names().push(exchange.to_owned());
+    }
+
     fn declared_names(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
         self.declared.lock().unwrap_or_else(|e| e.into_inner())
     }
