@@ -11,6 +11,22 @@
 
 use std::time::SystemTime;
 
+/// A request's upgrade, which hyper hands out once: the server loop takes it from a
+/// request that asks for one, for the route that completes a WebSocket handshake.
+#[derive(Clone)]
+pub struct Upgrade(std::sync::Arc<std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>>);
+
+impl Upgrade {
+    pub fn new(upgrade: hyper::upgrade::OnUpgrade) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(Some(upgrade))))
+    }
+
+    /// The upgrade, to the first who asks.
+    pub fn take(&self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
 /// The peer of a request served by hyper: the server loop puts it in the request's
 /// extensions, for the routes that count clients by address.
 #[derive(Clone, Copy, Debug)]

@@ -272,6 +272,11 @@ where
         let service = warp::service(self.routes.clone());
         let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(peer);
+            if req.headers().contains_key(warp::http::header::UPGRADE) {
+                let upgrade = hyper::upgrade::on(&mut req);
+                req.extensions_mut()
+                    .insert(crate::wire::Upgrade::new(upgrade));
+            }
             let answer = service.clone().call(req);
             async move {
                 let mut resp = answer.await?;

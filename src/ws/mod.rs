@@ -11,6 +11,7 @@
 mod named;
 mod protocol;
 mod session;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,10 +24,7 @@ use warp::reply::{Reply, Response};
 use crate::admission::Full;
 use crate::connect::Streams;
 use crate::metrics::Metrics;
-use crate::wire::Peer;
-
-/// Most bytes of one client frame (a subscribe frame of 100 long bindings fits).
-const MAX_FRAME_BYTES: usize = 64 * 1024;
+use crate::wire::{Peer, Upgrade};
 
 /// Settings of the WebSocket endpoints.
 #[derive(Clone, Copy, Debug)]
@@ -105,10 +103,17 @@ pub fn route(
         .and(warp::header::optional::<String>("origin"))
         .and(warp::ext::optional::<Peer>())
         .and(warp::header::headers_cloned())
-        .and(warp::ws())
+        .and(warp::ext::optional::<Upgrade>())
         .map(
-            move |kind, origin: Option<String>, peer: Option<Peer>, headers, ws| {
-                handshake(ctx.clone(), kind, origin.as_deref(), peer, &headers, ws)
+            move |kind, origin: Option<String>, peer: Option<Peer>, headers, upgrade| {
+                handshake(
+                    ctx.clone(),
+                    kind,
+                    origin.as_deref(),
+                    peer,
+                    &headers,
+                    upgrade,
+                )
             },
         )
 }
@@ -120,9 +125,15 @@ fn handshake(
     origin: Option<&str>,
     peer: Option<Peer>,
     headers: &HeaderMap,
-    ws: warp::ws::Ws,
+    upgrade: Option<Upgrade>,
 ) -> Response {
     let metrics = ctx.metrics();
+    let (Some(key), Some(upgrade)) = (upgrade::client_key(headers), upgrade) else {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "Expected a WebSocket handshake (Upgrade: websocket, Sec-WebSocket-Version: 13).",
+        );
+    };
     if !ctx.origins.allow(origin) {
         metrics.websocket_handshake("origin");
         return refusal(
@@ -169,14 +180,25 @@ fn handshake(
     };
     metrics.websocket_handshake("upgraded");
     tracing::debug!(%peer, ?kind, "websocket connected");
-    ws.max_message_size(MAX_FRAME_BYTES)
-        .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| {
-            // Tracked with the writers: a drain waits for the sessions to end.
-            let tasks = ctx.tasks.clone();
-            tasks.track_future(session::Session::new(ctx, kind, slot, client, socket).run())
-        })
-        .into_response()
+    let Some(pending) = upgrade.take() else {
+        return refusal(
+            StatusCode::BAD_REQUEST,
+            "The connection was upgraded already.",
+        );
+    };
+    // Tracked with the writers: a drain waits for the sessions to end.
+    let tasks = ctx.tasks.clone();
+    tokio::spawn(tasks.track_future(async move {
+        // The upgrade completes once hyper has written the 101; it fails if the client
+        // left before (the slot goes with it).
+        if let Ok(upgraded) = pending.await {
+            let socket = upgrade::socket(upgraded).await;
+            session::Session::new(ctx, kind, slot, client, socket)
+                .run()
+                .await;
+        }
+    }));
+    upgrade::accept(key)
 }
 
 fn refusal(status: StatusCode, text: &str) -> Response {

@@ -22,9 +22,11 @@ use std::sync::Arc;
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::StreamMap;
-use warp::ws::{Message, WebSocket};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 use super::protocol::{self, Fatal, close};
+use super::upgrade::Socket;
 use super::{Context, Kind, named};
 use crate::admission::Slot;
 use crate::connect::{Refused, log_refusal};
@@ -68,7 +70,7 @@ pub(super) struct Session {
     slot: Slot,
     /// The address the connection counts against (for logs).
     client: std::net::IpAddr,
-    socket: WebSocket,
+    socket: Socket,
     subs: StreamMap<String, Events>,
     inited: bool,
     /// A frame or pong came since the last ping.
@@ -81,7 +83,7 @@ impl Session {
         kind: Kind,
         slot: Slot,
         client: std::net::IpAddr,
-        socket: WebSocket,
+        socket: Socket,
     ) -> Self {
         Self {
             ctx,
@@ -133,7 +135,7 @@ impl Session {
                         break End::Drop("missed_pong");
                     }
                     self.alive = false;
-                    if !self.write(vec![Message::ping(Vec::new())]).await {
+                    if !self.write(vec![Message::Ping(bytes::Bytes::new())]).await {
                         break End::Drop("stalled");
                     }
                 }
@@ -149,15 +151,15 @@ impl Session {
 
     /// A client frame; `Some` ends the connection.
     async fn inbound(&mut self, msg: Message) -> Option<End> {
-        if msg.is_close() {
-            return Some(End::Drop("client_closed"));
-        }
-        if !(msg.is_text() || msg.is_binary()) {
-            return None; // ping (answered by the WebSocket layer) or pong
-        }
-        let parsed = std::str::from_utf8(msg.as_bytes())
-            .map_err(|_| Fatal::MalformedJson)
-            .and_then(protocol::parse);
+        let parsed = match &msg {
+            Message::Close(_) => return Some(End::Drop("client_closed")),
+            Message::Text(text) => protocol::parse(text.as_str()),
+            Message::Binary(bytes) => std::str::from_utf8(bytes)
+                .map_err(|_| Fatal::MalformedJson)
+                .and_then(protocol::parse),
+            // Pings are answered by the WebSocket layer; pongs only show the client is there.
+            _ => return None,
+        };
         let frame = match parsed {
             Ok(frame) => frame,
             Err(fatal) => return Some(End::Close(close::PROTOCOL, fatal.reason())),
@@ -379,17 +381,18 @@ impl Session {
         metrics.websocket_subscriptions.sub(left);
         let label = match end {
             End::Close(code, reason) => {
-                let bye = async {
-                    self.socket.send(Message::close_with(code, reason)).await?;
-                    self.socket.close().await
+                let frame = CloseFrame {
+                    code: code.into(),
+                    reason: reason.into(),
                 };
+                let bye = self.socket.close(Some(frame));
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
                 code_label(code)
             }
             End::Drop(why) => {
                 if why == "client_closed" {
                     // Sends the close frame the WebSocket layer queued in answer.
-                    let bye = self.socket.close();
+                    let bye = SinkExt::close(&mut self.socket);
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), bye).await;
                 }
                 why

@@ -656,8 +656,9 @@ async fn bounded_loads_would_split_binding_sets_so_the_shipped_tier_leaves_them_
     // Why haproxy.cfg has no `hash-balance-factor`: with long-lived streams it caps each
     // replica relative to the total while the total is still small, and moves clients of
     // one set to other replicas as they arrive.
+    // Whether a set splits depends on the order its clients arrive in (they arrive together,
+    // 30 at a time): one of up to three placements, each on a fresh exchange, must split.
     let broker = Broker::connect().await;
-    let ex = broker.exchange("bounded").await;
     let gateways = [
         TestGateway::start(&[]).await,
         TestGateway::start(&[]).await,
@@ -669,18 +670,30 @@ async fn bounded_loads_would_split_binding_sets_so_the_shipped_tier_leaves_them_
         .map(|(name, gw)| (name, gw.addr, true))
         .collect();
     let proxy = Haproxy::start(&servers, Variant::BoundedLoads(150)).await;
-    let (clients, placed) = place(&proxy, &ex).await;
-    let split = placed.values().filter(|r| r.len() > 1).count();
     let all: Vec<&TestGateway> = gateways.iter().collect();
-    let bindings = bindings_of(&all).await;
-    eprintln!(
-        "bounded loads (hash-balance-factor 150): {split} of 30 sets split over replicas; {bindings} broker bindings for 30 patterns"
-    );
+    let mut splits = Vec::new();
+    let mut kept = Vec::new();
+    for _attempt in 0..3 {
+        let ex = broker.exchange("bounded").await;
+        let before = bindings_of(&all).await;
+        let (clients, placed) = place(&proxy, &ex).await;
+        let split = placed.values().filter(|r| r.len() > 1).count();
+        let bindings = bindings_of(&all).await - before;
+        eprintln!(
+            "bounded loads (hash-balance-factor 150): {split} of 30 sets split over replicas; {bindings} broker bindings for 30 patterns"
+        );
+        splits.push(split);
+        // Kept connected: the next placement sees the same loads a busy tier would.
+        kept.push(clients);
+        if split > 0 {
+            break;
+        }
+    }
     assert!(
-        split > 0,
-        "bounded loads kept every set together: revisit haproxy.cfg"
+        splits.iter().any(|s| *s > 0),
+        "bounded loads kept every set together in {splits:?}: revisit haproxy.cfg"
     );
-    drop((clients, proxy));
+    drop((kept, proxy));
     for gw in gateways {
         gw.shutdown().await;
     }
