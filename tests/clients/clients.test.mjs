@@ -15,7 +15,7 @@ import EventSource2 from 'eventsource2';
 import { EventSource as EventSource4 } from 'eventsource4';
 import { fetchEventSource } from '@microsoft/fetch-event-source';
 import {
-  startGateway, waitHealthy, stopGateway, freePort, publish, startProxy, logsOf, killAll,
+  startGateway, waitHealthy, stopGateway, freePort, publish, metric, startProxy, logsOf, killAll,
 } from '../js/gateway.mjs';
 
 // fetch-event-source is a browser library: it takes `window.setTimeout` and watches
@@ -111,12 +111,6 @@ const CLIENTS = [
 ];
 
 const message = n => ({exchange: EXCHANGE, routingKey: 'k', payload: {n}});
-const metric = async (gw, series) => {
-  const text = await (await fetch(`${gw.origin}/metrics`)).text();
-  const line = text.split('\n').find(l => l.startsWith(series + ' '));
-  return line ? Number(line.split(' ').pop()) : 0;
-};
-
 for (const [name, open] of CLIENTS) {
   test(`${name}: a plain stream, then a drain: a named reconnect event, back without Last-Event-Id`, {timeout: 90_000}, async t => {
     const port = await freePort();

@@ -10,7 +10,7 @@ import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pulseListener } from './ui-listener.mjs';
-import { startGateway, waitHealthy, stopGateway, freePort, publish, logsOf, killAll } from '../js/gateway.mjs';
+import { startGateway, waitHealthy, stopGateway, freePort, publish, metric, logsOf, killAll } from '../js/gateway.mjs';
 
 const GATEWAY_ARGS = ['--demo', 'false', '--shutdown-grace', '5s'];
 after(killAll);
@@ -32,12 +32,6 @@ class BrowserWebSocket extends WebSocket {
     }, 0));
   }
 }
-
-const metric = async (gw, series) => {
-  const text = await (await fetch(`${gw.origin}/metrics`)).text();
-  const line = text.split('\n').find(l => l.startsWith(series + ' '));
-  return line ? Number(line.split(' ').pop()) : 0;
-};
 
 /** What a listener saw, with a way to wait for it. */
 function recorder() {

@@ -212,6 +212,22 @@ async fn publish_numbered(
     }
 }
 
+/// Three gateways started with `args`, named gw1 to gw3, behind HAProxy in `variant`.
+async fn three_behind_haproxy(args: &[&str], variant: Variant) -> ([TestGateway; 3], Haproxy) {
+    let gateways = [
+        TestGateway::start(args).await,
+        TestGateway::start(args).await,
+        TestGateway::start(args).await,
+    ];
+    let servers: Vec<(&str, SocketAddr, bool)> = ["gw1", "gw2", "gw3"]
+        .into_iter()
+        .zip(&gateways)
+        .map(|(name, gw)| (name, gw.addr, true))
+        .collect();
+    let proxy = Haproxy::start(&servers, variant).await;
+    (gateways, proxy)
+}
+
 /// Broker bindings of every gateway in `gateways`, summed.
 async fn bindings_of(gateways: &[&TestGateway]) -> usize {
     let mut total = 0;
@@ -479,17 +495,7 @@ async fn a_hot_binding_set_spills_to_the_next_replica_at_its_cap_and_resumes_hom
     // A replica full at MAX_CONNECTIONS answers 503; the proxy tries the next on the ring.
     // Pings every 500 ms: the proxy notices a client gone when it next writes to it.
     let cap = ["--max-connections=40", "--ping-interval=500ms"];
-    let gateways = [
-        TestGateway::start(&cap).await,
-        TestGateway::start(&cap).await,
-        TestGateway::start(&cap).await,
-    ];
-    let servers: Vec<(&str, SocketAddr, bool)> = ["gw1", "gw2", "gw3"]
-        .into_iter()
-        .zip(&gateways)
-        .map(|(name, gw)| (name, gw.addr, true))
-        .collect();
-    let proxy = Haproxy::start(&servers, Variant::Shipped).await;
+    let (gateways, proxy) = three_behind_haproxy(&cap, Variant::Shipped).await;
 
     // 100 clients of one binding set, 10 a second: a full replica leaves the ring when its
     // health check fails (about 2 s); a burst faster than that gets 503 beyond the second
@@ -562,17 +568,7 @@ async fn a_hot_binding_set_spills_to_the_next_replica_at_its_cap_and_resumes_hom
 async fn spellings_of_one_binding_set_meet_unless_they_order_it_differently() {
     let broker = Broker::connect().await;
     let ex = broker.exchange("spellings").await;
-    let gateways = [
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-    ];
-    let servers: Vec<(&str, SocketAddr, bool)> = ["gw1", "gw2", "gw3"]
-        .into_iter()
-        .zip(&gateways)
-        .map(|(name, gw)| (name, gw.addr, true))
-        .collect();
-    let proxy = Haproxy::start(&servers, Variant::Shipped).await;
+    let (gateways, proxy) = three_behind_haproxy(&[], Variant::Shipped).await;
 
     let mut reordered_apart = 0;
     for i in 0..30 {
@@ -611,17 +607,7 @@ async fn without_affinity_every_replica_binds_every_set() {
     // The comparison for deploy/README.md: the same 300 clients, round robin.
     let broker = Broker::connect().await;
     let ex = broker.exchange("no-affinity").await;
-    let gateways = [
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-    ];
-    let servers: Vec<(&str, SocketAddr, bool)> = ["gw1", "gw2", "gw3"]
-        .into_iter()
-        .zip(&gateways)
-        .map(|(name, gw)| (name, gw.addr, true))
-        .collect();
-    let proxy = Haproxy::start(&servers, Variant::RoundRobin).await;
+    let (gateways, proxy) = three_behind_haproxy(&[], Variant::RoundRobin).await;
     let (mut clients, placed) = place(&proxy, &ex).await;
     let all: Vec<&TestGateway> = gateways.iter().collect();
     let bindings = bindings_of(&all).await;
@@ -659,17 +645,7 @@ async fn bounded_loads_would_split_binding_sets_so_the_shipped_tier_leaves_them_
     // Whether a set splits depends on the order its clients arrive in (they arrive together,
     // 30 at a time): one of up to three placements, each on a fresh exchange, must split.
     let broker = Broker::connect().await;
-    let gateways = [
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-        TestGateway::start(&[]).await,
-    ];
-    let servers: Vec<(&str, SocketAddr, bool)> = ["gw1", "gw2", "gw3"]
-        .into_iter()
-        .zip(&gateways)
-        .map(|(name, gw)| (name, gw.addr, true))
-        .collect();
-    let proxy = Haproxy::start(&servers, Variant::BoundedLoads(150)).await;
+    let (gateways, proxy) = three_behind_haproxy(&[], Variant::BoundedLoads(150)).await;
     let all: Vec<&TestGateway> = gateways.iter().collect();
     let mut splits = Vec::new();
     let mut kept = Vec::new();

@@ -108,6 +108,13 @@ export async function publish(gw, message) {
   return JSON.parse(text);
 }
 
+/** The value of one metric series in the gateway's /metrics (0 if absent). */
+export async function metric(gw, series) {
+  const text = await (await fetch(`${gw.origin}/metrics`)).text();
+  const line = text.split('\n').find(l => l.startsWith(series + ' '));
+  return line ? Number(line.split(' ').pop()) : 0;
+}
+
 /** A TCP proxy to `port` that can cut every connection and refuse new ones. */
 export async function startProxy(port) {
   const sockets = new Set();
