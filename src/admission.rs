@@ -17,7 +17,9 @@
 //!   otherwise start every time with a full bucket): memory follows the addresses in use
 //!   in the last `burst / rate` seconds, never the addresses ever seen;
 //! - a client's address is the TCP peer's, unless the peer is a trusted proxy
-//!   (`TRUSTED_PROXIES`): then it is the last address in `X-Forwarded-For` that is not a
+//!   (`TRUSTED_PROXIES`): then it is the last address in `X-Forwarded-For` (or in
+//!   `Forwarded`'s `for=` parameters, with `FORWARDED_HEADER=forwarded`: one header is
+//!   read, the one the proxies write, since a client can write the other) that is not a
 //!   trusted proxy itself (what a chain of trusted proxies appended). The walk from the
 //!   right ends at an entry that is not an address (`unknown`, garbage): the request then
 //!   counts as the nearest address that was one, so an entry a client wrote itself is
@@ -54,8 +56,21 @@ pub struct AdmissionLimits {
     /// Distinct exchanges the connections of one address may use together
     /// (MAX_EXCHANGES_PER_ADDRESS).
     pub exchanges_per_address: usize,
-    /// Proxies whose `X-Forwarded-For` is believed (TRUSTED_PROXIES).
+    /// Proxies whose forwarding header is believed (TRUSTED_PROXIES).
     pub trusted_proxies: Vec<IpNet>,
+    /// The header those proxies write the client's address into (FORWARDED_HEADER).
+    pub forwarded_header: ForwardedHeader,
+}
+
+/// The header trusted proxies append the client's address to. Only that one is read:
+/// behind a proxy that writes one of them, a client can write the other, whole.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1` (what most proxies and ingresses write).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for="[v6]:port"`.
+    Forwarded,
 }
 
 impl Default for AdmissionLimits {
@@ -68,6 +83,7 @@ impl Default for AdmissionLimits {
             bindings_per_address: 5_000,
             exchanges_per_address: 50,
             trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::XForwardedFor,
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use lapin::uri::{AMQPScheme, AMQPUri};
 
-use crate::admission::AdmissionLimits;
+use crate::admission::{AdmissionLimits, ForwardedHeader};
 use crate::binding::Limits;
 use crate::broker::{AmqpSettings, BrokerSettings, Demo};
 use crate::registry::Caps;
@@ -105,6 +105,8 @@ pub enum ConfigError {
     EmbeddedBeyondLoopback,
     #[error("TRUSTED_PROXIES: {0:?} is not an address or a network such as 10.0.0.0/8")]
     BadNetwork(String),
+    #[error("FORWARDED_HEADER: {0:?} is neither x-forwarded-for nor forwarded")]
+    ForwardedHeader(String),
 }
 
 impl Config {
@@ -168,6 +170,11 @@ impl Config {
             .iter()
             .map(|p| parse_network(p))
             .collect::<Result<_, _>>()?;
+        let forwarded_header = match args.forwarded_header.trim().to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ForwardedHeader::XForwardedFor,
+            "forwarded" => ForwardedHeader::Forwarded,
+            _ => return Err(ConfigError::ForwardedHeader(args.forwarded_header.clone())),
+        };
         Ok(Self {
             listen: SocketAddr::new(listen, args.port),
             broker,
@@ -179,6 +186,7 @@ impl Config {
                 bindings_per_address: args.max_bindings_per_address,
                 exchanges_per_address: args.max_exchanges_per_address,
                 trusted_proxies,
+                forwarded_header,
             },
             caps: Caps {
                 max_subscriptions: args.max_subscriptions,

@@ -1,11 +1,11 @@
 //! Who a request comes from: the TCP peer, or, behind a trusted proxy, what the proxies
-//! appended to `X-Forwarded-For` (see the module doc of `admission`).
+//! appended to `X-Forwarded-For` or `Forwarded` (see the module doc of `admission`).
 
 use std::net::{IpAddr, Ipv6Addr};
 
 use warp::http::HeaderMap;
 
-use super::Admission;
+use super::{Admission, ForwardedHeader};
 
 impl Admission {
     /// The address a request comes from: the peer's, or what trusted proxies say.
@@ -17,12 +17,22 @@ impl Admission {
         }
         // Proxies append: walk from the right past the trusted ones, and stop at the first
         // entry that is not an address (a value that is not text is one such entry).
+        let header = self.limits.forwarded_header;
+        let name = match header {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        };
         let entries: Vec<Option<IpAddr>> = headers
-            .get_all("x-forwarded-for")
+            .get_all(name)
             .iter()
-            .flat_map(|v| match v.to_str() {
-                Ok(text) => text.split(',').map(forwarded_address).collect(),
-                Err(_) => vec![None],
+            .flat_map(|v| match (v.to_str(), header) {
+                (Ok(text), ForwardedHeader::XForwardedFor) => {
+                    text.split(',').map(forwarded_address).collect()
+                }
+                (Ok(text), ForwardedHeader::Forwarded) => {
+                    rfc7239::parse(text).map(forwarded_for).collect()
+                }
+                (Err(_), _) => vec![None],
             })
             .collect();
         let mut nearest = peer;
@@ -63,4 +73,14 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
                 .map(IpAddr::V6)
         })?;
     Some(canonical(addr))
+}
+
+/// One `Forwarded` element's `for=` as an address; `None` for an element without one, a
+/// node that is not an address (`unknown`, an obfuscated `_name`) or one that does not
+/// parse. Elements are split at every comma, even one inside a quoted string: only text
+/// left of the nearest proxy's own element, which a client wrote, can be cut wrong, and
+/// the walk never believes that.
+fn forwarded_for(element: Result<rfc7239::Forwarded<'_>, rfc7239::RfcError>) -> Option<IpAddr> {
+    let node = element.ok()?.forwarded_for?;
+    node.ip().copied().map(canonical)
 }

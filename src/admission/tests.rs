@@ -168,6 +168,65 @@ fn forwarded_entries_with_ports_count_and_garbage_ends_the_walk() {
 }
 
 #[test]
+fn behind_proxies_that_write_forwarded_only_its_for_parameters_count() {
+    let a = admission(AdmissionLimits {
+        trusted_proxies: vec!["10.0.0.0/8".parse().expect("net")],
+        forwarded_header: ForwardedHeader::Forwarded,
+        ..AdmissionLimits::default()
+    });
+    let proxy: IpAddr = "10.9.9.9".parse().expect("ip");
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    let from = |pairs: &[(&'static str, &'static str)]| {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        a.client_address(proxy, &headers)
+    };
+    // RFC 7239's forms: quoted ports and IPv6, other parameters, case, several headers.
+    assert_eq!(
+        from(&[("forwarded", "for=192.0.2.60;proto=http;by=203.0.113.43")]),
+        ip("192.0.2.60")
+    );
+    assert_eq!(
+        from(&[("forwarded", "For=\"[2001:db8:cafe::17]:4711\"")]),
+        ip("2001:db8:cafe::17")
+    );
+    assert_eq!(
+        from(&[
+            ("forwarded", "for=198.51.100.1"),
+            ("forwarded", "for=\"203.0.113.9:5512\", for=10.1.1.1")
+        ]),
+        ip("203.0.113.9"),
+        "the last untrusted hop over every header line"
+    );
+    // What a trusted proxy cannot have written ends the walk at the nearest address.
+    for (value, expected) in [
+        ("for=198.51.100.1, for=unknown", proxy),
+        ("for=198.51.100.1, for=_hidden", proxy),
+        (
+            "for=198.51.100.1, for=garbage, for=10.1.1.1",
+            ip("10.1.1.1"),
+        ),
+        ("for=198.51.100.1, proto=https", proxy),
+        ("for=\"198.51.100.1:99999\"", proxy),
+        ("for=198.51.100.1, novalue", proxy),
+    ] {
+        assert_eq!(
+            from(&[("forwarded", value)]),
+            expected,
+            "Forwarded: {value}"
+        );
+    }
+    // The other header is a client's to write: not read.
+    assert_eq!(from(&[("x-forwarded-for", "203.0.113.9")]), proxy);
+    assert_eq!(
+        from(&[("forwarded", "for=\"[::ffff:203.0.113.9]\"")]),
+        ip("203.0.113.9")
+    );
+}
+
+#[test]
 fn ipv6_clients_count_by_their_64() {
     let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
     let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().expect("ip");

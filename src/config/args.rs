@@ -118,6 +118,11 @@ pub struct Args {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
 
+    /// The header the trusted proxies append the client's address to: x-forwarded-for, or
+    /// forwarded (RFC 7239, `for=`). Only that one is read: a client can write the other.
+    #[arg(long, env = "FORWARDED_HEADER", default_value = "x-forwarded-for")]
+    pub forwarded_header: String,
+
     /// Most distinct subscriptions (binding sets) at once; more get an `error` event.
     #[arg(long, env = "MAX_SUBSCRIPTIONS", default_value_t = 20_000)]
     pub max_subscriptions: usize,

@@ -129,6 +129,18 @@ fn abuse_limits_are_parsed_and_checked() {
     );
     let err = parse(&["--trusted-proxies", "10.0.0.0/99"]).expect_err("not a network");
     assert!(err.to_string().starts_with("TRUSTED_PROXIES"), "{err}");
+    assert_eq!(
+        c.admission.forwarded_header,
+        ForwardedHeader::XForwardedFor,
+        "the default"
+    );
+    let c = parse(&["--forwarded-header", "Forwarded"]).expect("valid");
+    assert_eq!(c.admission.forwarded_header, ForwardedHeader::Forwarded);
+    let err = parse(&["--forwarded-header", "x-real-ip"]).expect_err("not one of the two");
+    assert_eq!(
+        err.to_string(),
+        "FORWARDED_HEADER: \"x-real-ip\" is neither x-forwarded-for nor forwarded"
+    );
     let err = parse(&["--address-subscription-rate=0"]).expect_err("zero");
     assert_eq!(
         err.to_string(),

@@ -311,35 +311,67 @@ async fn half_sent_heads_from_one_address_do_not_buffer_without_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_entries_a_proxy_could_not_have_written_do_not_escape_the_limit() {
-    // 127.0.0.4 is a trusted proxy; the client behind it may hold 3 streams.
+    entries_a_proxy_could_not_have_written_do_not_escape_the_limit(
+        ("x-forwarded-for", "X-Forwarded-For", "Forwarded"),
+        [
+            "198.51.100.7:5512",
+            "[2001:db8::7]:443",
+            "198.51.100.8, unknown",
+            "203.0.113.1, garbage:, 198.51.100.9",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rfc_7239_entries_a_proxy_could_not_have_written_do_not_escape_the_limit() {
+    entries_a_proxy_could_not_have_written_do_not_escape_the_limit(
+        ("forwarded", "Forwarded", "X-Forwarded-For"),
+        [
+            "for=\"198.51.100.7:5512\";proto=http",
+            "for=\"[2001:db8::7]:443\"",
+            "for=198.51.100.8, for=unknown",
+            "for=203.0.113.1, for=garbage:, for=198.51.100.9",
+        ],
+    )
+    .await;
+}
+
+/// Behind trusted proxy 127.0.0.4 writing `header` (FORWARDED_HEADER `setting`), a client
+/// may hold 3 streams, however it varies `other` (which that proxy does not write) and
+/// whatever it writes left of the proxy's entry in each of `values`.
+async fn entries_a_proxy_could_not_have_written_do_not_escape_the_limit(
+    (setting, header, other): (&str, &str, &str),
+    values: [&str; 4],
+) {
     let gw = ChildGateway::start(
         GATEWAY,
         &args(&[
             "--trusted-proxies=127.0.0.4",
+            &format!("--forwarded-header={setting}"),
             "--max-connections-per-address=3",
         ]),
     )
     .await;
     let proxy = IpAddr::from([127, 0, 0, 4]);
-    for forwarded in [
-        "198.51.100.7:5512",
-        "[2001:db8::7]:443",
-        "198.51.100.8, unknown",
-        "203.0.113.1, garbage:, 198.51.100.9",
-    ] {
+    for forwarded in values {
         let mut statuses = Vec::new();
         let mut held = Vec::new();
-        for _ in 0..8 {
+        for i in 0..8 {
             let path = connect_path(&[("exchange/forwarded", "#")], false);
-            let mut client =
-                RawClient::get_from(proxy, gw.addr, &path, &[("X-Forwarded-For", forwarded)]).await;
+            let spoofed = match other {
+                "Forwarded" => format!("for=192.0.2.{i}"),
+                _ => format!("192.0.2.{i}"),
+            };
+            let headers = [(header, forwarded), (other, spoofed.as_str())];
+            let mut client = RawClient::get_from(proxy, gw.addr, &path, &headers).await;
             statuses.push(client.first_event(Duration::from_secs(5)).await.0);
             held.push(client);
         }
         assert_eq!(
             statuses,
             [200, 200, 200, 503, 503, 503, 503, 503],
-            "X-Forwarded-For: {forwarded}"
+            "{header}: {forwarded}"
         );
     }
     honest_ready_within(gw.addr, "exchange/honest", Duration::from_secs(1)).await;
