@@ -1,5 +1,5 @@
-"""The README's Python client (watch.py: httpx + httpx-sse) against the real gateway on its
-embedded broker: a plain stream and a drain (a named `reconnect` event, never an empty
+"""The README's Python client (watch.py: httpx + httpx-sse), and the same rules written
+with sseclient-py (watch_sseclient.py), against the real gateway on its embedded broker: a plain stream and a drain (a named `reconnect` event, never an empty
 message; back by itself without Last-Event-Id on the next gateway on the same port), a
 resumable stream cut by the network (nothing lost, nothing twice) and sent to another
 gateway (the `gap` event reaches the program).
@@ -19,7 +19,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from watch import watch
+import watch
+import watch_sseclient
 
 HERE = Path(__file__).resolve().parent
 GATEWAY_BIN = os.environ.get("GATEWAY_BIN", str(HERE / "../../target/debug/events-gateway"))
@@ -92,7 +93,13 @@ class Proxy:
                 client, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                # Nothing listens yet (a drained gateway's successor is starting): close,
+                # as a refused connection would be, and let the client try again.
+                client.close()
+                continue
             with self.lock:
                 self.sockets |= {client, upstream}
             for a, b in ((client, upstream), (upstream, client)):
@@ -129,11 +136,11 @@ class Proxy:
 class Client:
     """watch() on a thread, recording what the program sees."""
 
-    def __init__(self, url):
+    def __init__(self, url, watch_fn):
         self.events = []
         self.cond = threading.Condition()
         self.stop = threading.Event()
-        threading.Thread(target=watch, args=(url, self._on_event, self.stop), daemon=True).start()
+        threading.Thread(target=watch_fn, args=(url, self._on_event, self.stop), daemon=True).start()
 
     def _on_event(self, sse):
         with self.cond:
@@ -165,12 +172,20 @@ def is_message(n):
     return lambda e: e[0] == "message" and json.loads(e[1])["payload"]["n"] == n
 
 
-class WatchTest(unittest.TestCase):
+class HttpxSseTest(unittest.TestCase):
+    """watch.py: httpx-sse 0.4.3."""
+
+    name = "httpx-sse"
+    watch = staticmethod(watch.watch)
+
+    def client(self, url):
+        return Client(url, self.watch)
+
     def test_a_plain_stream_then_a_drain_comes_back_without_last_event_id(self):
         port = free_port()
         a = Gateway(port)
         b = None
-        client = Client(connect_url(a.origin, False))
+        client = self.client(connect_url(a.origin, False))
         try:
             client.wait_for(lambda e: e[0] == "ready", "ready")
             for n in (1, 2):
@@ -187,7 +202,7 @@ class WatchTest(unittest.TestCase):
             self.assertNotIn("empty-message", client.kinds())
             self.assertEqual(b.metric('events_gateway_connections_total{outcome="no_content"}'), 0)
             self.assertEqual(client.numbers(), [1, 2, 3])
-            print("httpx-sse, drain:", " ".join(client.kinds()))
+            print(f"{self.name}, drain:", " ".join(client.kinds()))
         finally:
             client.stop.set()
             a.kill()
@@ -198,7 +213,7 @@ class WatchTest(unittest.TestCase):
         port = free_port()
         gw = Gateway(port)
         proxy = Proxy(port)
-        client = Client(connect_url(proxy.origin, False))
+        client = self.client(connect_url(proxy.origin, False))
         no_content = 'events_gateway_connections_total{outcome="no_content"}'
         try:
             client.wait_for(lambda e: e[0] == "ready", "ready")
@@ -220,7 +235,7 @@ class WatchTest(unittest.TestCase):
         a = Gateway(port)
         b = None
         proxy = Proxy(port)
-        client = Client(connect_url(proxy.origin, True))
+        client = self.client(connect_url(proxy.origin, True))
         try:
             client.wait_for(lambda e: e[0] == "ready", "ready")
             for n in range(5):
@@ -240,13 +255,20 @@ class WatchTest(unittest.TestCase):
             gap = next(d for k, d in client.events if k == "gap")
             self.assertEqual(json.loads(gap)["reason"], "other-epoch")
             self.assertNotIn("empty-message", client.kinds())
-            print("httpx-sse, cut and gap:", " ".join(client.kinds()))
+            print(f"{self.name}, cut and gap:", " ".join(client.kinds()))
         finally:
             client.stop.set()
             proxy.close()
             a.kill()
             if b:
                 b.kill()
+
+
+class SseclientPyTest(HttpxSseTest):
+    """watch_sseclient.py: sseclient-py 1.9.0 with a reconnect loop of its program's."""
+
+    name = "sseclient-py"
+    watch = staticmethod(watch_sseclient.watch)
 
 
 if __name__ == "__main__":
