@@ -1,5 +1,5 @@
 // The SSE client libraries people use, against the real gateway (embedded broker): the npm
-// `eventsource` package (2.0.2 and 4.1.1) and `@microsoft/fetch-event-source` (2.0.1, used as
+// `eventsource` package (2.0.2, 4.1.1 and 5.1.5) and `@microsoft/fetch-event-source` (2.0.1, used as
 // the README's "Clients" section shows). For each: a plain stream; a drain (the client is
 // told with a named `reconnect` event, never an empty `message`, and comes back by itself,
 // without `Last-Event-Id`, to the next gateway on the same port); a resumable stream cut by
@@ -13,6 +13,8 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import EventSource2 from 'eventsource2';
 import { EventSource as EventSource4 } from 'eventsource4';
+// 5.x asks for Node 22.12 or later (`engines`); it runs on Node 20, which this suite uses.
+import { EventSource as EventSource5 } from 'eventsource5';
 import { fetchEventSource } from '@microsoft/fetch-event-source';
 import {
   startGateway, waitHealthy, stopGateway, freePort, publish, metric, startProxy, logsOf, killAll,
@@ -107,6 +109,7 @@ function withFetchEventSource(url) {
 const CLIENTS = [
   ['eventsource 2.0.2', withEventSource(EventSource2)],
   ['eventsource 4.1.1', withEventSource(EventSource4)],
+  ['eventsource 5.1.5', withEventSource(EventSource5)],
   ['fetch-event-source 2.0.1', withFetchEventSource],
 ];
 

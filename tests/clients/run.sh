@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the SSE client libraries people use against the real gateway (embedded broker):
-# the npm `eventsource` package (2.0.2, 4.1.1) and `@microsoft/fetch-event-source` (2.0.1)
+# the npm `eventsource` package (2.0.2, 4.1.1, 5.1.5) and `@microsoft/fetch-event-source` (2.0.1)
 # with Node; a listener that behaves as the Taskcluster UI's (ui-listener.mjs) on the
 # WebSocket endpoints; and the README's Python client (httpx + httpx-sse) and the same
 # rules written with sseclient-py (pinned in requirements.txt, installed into
@@ -20,7 +20,7 @@ if [ ! -x "$GATEWAY_BIN" ]; then
   exit 1
 fi
 
-echo "== Node: eventsource 2.0.2 and 4.1.1, fetch-event-source 2.0.1"
+echo "== Node: eventsource 2.0.2, 4.1.1 and 5.1.5, fetch-event-source 2.0.1"
 npm ci --no-audit --no-fund --loglevel=error
 timeout --kill-after=10 600 node --test --test-concurrency=1 --test-reporter=spec clients.test.mjs
 
