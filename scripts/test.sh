@@ -3,8 +3,9 @@
 #   1. starts RabbitMQ if it is not running (installs it from Debian's packages if absent),
 #      and installs HAProxy from Debian's packages if absent (the replicas test runs it);
 #   2. `cargo test`: unit tests and the integration tests against the real RabbitMQ, then
-#      the integration tests again against RabbitMQ 4.3 with upstream's defaults
-#      (scripts/rabbitmq-4.3.sh builds it from Debian's packages the first time);
+#      the integration tests again against RabbitMQ 4.3 and 4.0 with upstream 4.3's
+#      defaults (scripts/rabbitmq-debian.sh builds each from Debian's packages the first
+#      time: forky's and trixie's);
 #   3. deploy/check.sh: the Kubernetes manifests, dashboard and alerts render and validate
 #      (and deploy/mistakes.py: the check catches deliberate mistakes);
 #   4. tests/browser/run.sh: the live page in headless Chromium against the real binary;
@@ -51,6 +52,14 @@ TEST_AMQP_URL=$(./scripts/rabbitmq-4.3.sh url) \
   TEST_RABBITMQCTL="$PWD/scripts/rabbitmqctl-4.3" \
   cargo test --test gateway --test broker_restart
 ./scripts/rabbitmq-4.3.sh stop
+
+echo "== RabbitMQ 4.0 (Debian stable's) with the same defaults"
+./scripts/rabbitmq-4.0.sh start
+echo "== integration tests against RabbitMQ $(./scripts/rabbitmqctl-4.0 -q version)"
+TEST_AMQP_URL=$(./scripts/rabbitmq-4.0.sh url) \
+  TEST_RABBITMQCTL="$PWD/scripts/rabbitmqctl-4.0" \
+  cargo test --test gateway --test broker_restart
+./scripts/rabbitmq-4.0.sh stop
 
 echo "== browser test"
 cargo build --bin events-gateway

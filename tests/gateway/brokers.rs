@@ -1,6 +1,6 @@
 //! The RabbitMQ versions users run: scripts/test.sh runs this suite against the host's
-//! RabbitMQ (3.10) and again against RabbitMQ 4.3 with upstream's defaults
-//! (scripts/rabbitmq-4.3.sh: transient non-exclusive queues and global QoS denied). A cut
+//! RabbitMQ (3.10) and again against RabbitMQ 4.3 and 4.0 with upstream 4.3's defaults
+//! (scripts/rabbitmq-debian.sh: transient non-exclusive queues and global QoS denied). A cut
 //! loses nothing, a binding the broker refuses fails only its clients, a broker that
 //! closes every connection gets a backoff rather than a storm, and a lost queue is a
 //! `gap` for resumable clients.

@@ -10,7 +10,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 /// Where the tests find RabbitMQ (override with TEST_AMQP_URL; scripts/test.sh points it
-/// at the RabbitMQ 4.3 of scripts/rabbitmq-4.3.sh for the second run).
+/// at the RabbitMQ 4.3 and 4.0 of scripts/rabbitmq-debian.sh for the later runs).
 pub fn amqp_url() -> String {
     std::env::var("TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
@@ -36,7 +36,7 @@ pub fn rabbitmqctl_program() -> String {
 /// How to start the broker the tests expect, for failure messages.
 fn how_to_start() -> &'static str {
     if std::env::var_os("TEST_AMQP_URL").is_some() {
-        "start the broker TEST_AMQP_URL names (for RabbitMQ 4.3: `scripts/rabbitmq-4.3.sh start`)"
+        "start the broker TEST_AMQP_URL names (for RabbitMQ 4.3 or 4.0: `scripts/rabbitmq-4.3.sh start` or `scripts/rabbitmq-4.0.sh start`)"
     } else {
         "start one with `rabbitmq-server -detached && rabbitmqctl await_startup` (or set TEST_AMQP_URL)"
     }
