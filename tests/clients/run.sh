@@ -2,9 +2,9 @@
 # Runs the SSE client libraries people use against the real gateway (embedded broker):
 # the npm `eventsource` package (2.0.2, 4.1.1, 5.1.5) and `@microsoft/fetch-event-source` (2.0.1)
 # with Node; a listener that behaves as the Taskcluster UI's (ui-listener.mjs) on the
-# WebSocket endpoints; and the README's Python client (httpx + httpx-sse) and the same
-# rules written with sseclient-py (pinned in requirements.txt, installed into
-# tests/clients/.venv).
+# WebSocket endpoints; and the README's Python client (httpx + httpx-sse), the same rules
+# written with sseclient-py, and requests-sse's own EventSource (pinned in
+# requirements.txt, installed into tests/clients/.venv).
 #
 # Needs the gateway binary (GATEWAY_BIN, default target/debug/events-gateway: build it
 # first), Node.js 20 or later with npm, and Python 3 with venv and pip.
@@ -30,7 +30,7 @@ ws_flag=()
 node -e 'process.exit(typeof WebSocket === "undefined" ? 1 : 0)' || ws_flag=(--experimental-websocket)
 timeout --kill-after=10 300 node "${ws_flag[@]}" --test --test-concurrency=1 --test-reporter=spec ui.test.mjs
 
-echo "== Python: httpx-sse 0.4.3 (watch.py) and sseclient-py 1.9.0 (watch_sseclient.py)"
+echo "== Python: httpx-sse 0.4.3, sseclient-py 1.9.0, requests-sse 0.5.3 (watch*.py)"
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

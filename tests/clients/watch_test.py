@@ -1,5 +1,6 @@
-"""The README's Python client (watch.py: httpx + httpx-sse), and the same rules written
-with sseclient-py (watch_sseclient.py), against the real gateway on its embedded broker: a plain stream and a drain (a named `reconnect` event, never an empty
+"""The README's Python client (watch.py: httpx + httpx-sse), the same rules written with
+sseclient-py (watch_sseclient.py), and requests-sse's own reconnecting EventSource
+(watch_requests_sse.py), against the real gateway on its embedded broker: a plain stream and a drain (a named `reconnect` event, never an empty
 message; back by itself without Last-Event-Id on the next gateway on the same port), a
 resumable stream cut by the network (nothing lost, nothing twice) and sent to another
 gateway (the `gap` event reaches the program).
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import watch
+import watch_requests_sse
 import watch_sseclient
 
 HERE = Path(__file__).resolve().parent
@@ -269,6 +271,13 @@ class SseclientPyTest(HttpxSseTest):
 
     name = "sseclient-py"
     watch = staticmethod(watch_sseclient.watch)
+
+
+class RequestsSseTest(HttpxSseTest):
+    """watch_requests_sse.py: requests-sse 0.5.3, reconnecting by itself."""
+
+    name = "requests-sse"
+    watch = staticmethod(watch_requests_sse.watch)
 
 
 if __name__ == "__main__":
