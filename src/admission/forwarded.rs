@@ -1,7 +1,15 @@
 //! Who a request comes from: the TCP peer, or, behind a trusted proxy, what the proxies
 //! appended to `X-Forwarded-For` or `Forwarded` (see the module doc of `admission`).
+//!
+//! Everything left of the nearest proxy's own entry was written by the client, so the
+//! reading is built to fail closed: entries are split at every comma, quoted or not (a
+//! client's opening quote cannot swallow the proxy's entry), each comma-separated piece is
+//! read on its own (bytes that are not text spoil only their piece), and a `Forwarded`
+//! element counts only with exactly one well-formed `for=` (RFC 7239 §4 allows one: a
+//! second, say from a `Host` the proxy copied after its own `for=`, is refused rather
+//! than believed).
 
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use warp::http::HeaderMap;
 
@@ -15,29 +23,21 @@ impl Admission {
         if !trusted(&peer) {
             return peer;
         }
-        // Proxies append: walk from the right past the trusted ones, and stop at the first
-        // entry that is not an address (a value that is not text is one such entry).
-        let header = self.limits.forwarded_header;
-        let name = match header {
-            ForwardedHeader::XForwardedFor => "x-forwarded-for",
-            ForwardedHeader::Forwarded => "forwarded",
+        let (name, entry): (_, fn(&str) -> Option<IpAddr>) = match self.limits.forwarded_header {
+            ForwardedHeader::XForwardedFor => ("x-forwarded-for", forwarded_address),
+            ForwardedHeader::Forwarded => ("forwarded", forwarded_for),
         };
-        let entries: Vec<Option<IpAddr>> = headers
-            .get_all(name)
-            .iter()
-            .flat_map(|v| match (v.to_str(), header) {
-                (Ok(text), ForwardedHeader::XForwardedFor) => {
-                    text.split(',').map(forwarded_address).collect()
-                }
-                (Ok(text), ForwardedHeader::Forwarded) => {
-                    rfc7239::parse(text).map(forwarded_for).collect()
-                }
-                (Err(_), _) => vec![None],
-            })
-            .collect();
+        // Proxies append: walk from the right (the last line, its last piece) past the
+        // trusted ones, and stop at the first entry that is not an address.
+        let entries = headers.get_all(name).iter().rev().flat_map(|line| {
+            line.as_bytes()
+                .split(|b| *b == b',')
+                .rev()
+                .map(move |piece| std::str::from_utf8(piece).ok().and_then(entry))
+        });
         let mut nearest = peer;
-        for entry in entries.iter().rev() {
-            let Some(addr) = *entry else {
+        for found in entries {
+            let Some(addr) = found else {
                 break;
             };
             nearest = addr;
@@ -75,12 +75,60 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     Some(canonical(addr))
 }
 
-/// One `Forwarded` element's `for=` as an address; `None` for an element without one, a
-/// node that is not an address (`unknown`, an obfuscated `_name`) or one that does not
-/// parse. Elements are split at every comma, even one inside a quoted string: only text
-/// left of the nearest proxy's own element, which a client wrote, can be cut wrong, and
-/// the walk never believes that.
-fn forwarded_for(element: Result<rfc7239::Forwarded<'_>, rfc7239::RfcError>) -> Option<IpAddr> {
-    let node = element.ok()?.forwarded_for?;
-    node.ip().copied().map(canonical)
+/// One `Forwarded` element's client address (RFC 7239): its one `for=` parameter, a
+/// token or a quoted string naming `ipv4[:port]` or `"[ipv6][:port]"`. `None` for an
+/// element with no `for=` or more than one, a node that is not an address (`unknown`,
+/// an obfuscated `_name`) or a value that does not parse. Other parameters (`by`,
+/// `proto`, `host`, extensions, empty pairs) are not read, so an odd one spoils nothing.
+fn forwarded_for(element: &str) -> Option<IpAddr> {
+    let mut values = element.split(';').filter_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        key.trim().eq_ignore_ascii_case("for").then_some(value)
+    });
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    let value = value.trim();
+    let node = match value.strip_prefix('"') {
+        Some(quoted) => quoted.strip_suffix('"')?,
+        None => value,
+    };
+    if node.contains(['"', '\\']) {
+        return None;
+    }
+    node_address(node).map(canonical)
+}
+
+/// An RFC 7239 node's address: `1.2.3.4`, `1.2.3.4:port`, `[v6]` or `[v6]:port`, where
+/// a port is up to five digits below 65536 or an obfuscated `_port`.
+fn node_address(node: &str) -> Option<IpAddr> {
+    let (name, port) = match node.strip_prefix('[') {
+        Some(v6) => {
+            let (name, rest) = v6.split_once(']')?;
+            let port = match rest {
+                "" => None,
+                rest => Some(rest.strip_prefix(':')?),
+            };
+            (IpAddr::V6(name.parse::<Ipv6Addr>().ok()?), port)
+        }
+        None => {
+            let (name, port) = match node.split_once(':') {
+                Some((name, port)) => (name, Some(port)),
+                None => (node, None),
+            };
+            (IpAddr::V4(name.parse::<Ipv4Addr>().ok()?), port)
+        }
+    };
+    let port_ok = port.is_none_or(|p| {
+        let obfuscated = p.strip_prefix('_').is_some_and(|rest| {
+            !rest.is_empty()
+                && rest
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        });
+        let digits = !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+        obfuscated || (digits && p.parse::<u16>().is_ok())
+    });
+    port_ok.then_some(name)
 }

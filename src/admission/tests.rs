@@ -159,6 +159,13 @@ fn forwarded_entries_with_ports_count_and_garbage_ends_the_walk() {
         ip("10.1.1.1")
     );
     assert_eq!(from("198.51.100.1:99999", proxy), proxy, "not a port");
+    // Bytes that are not text spoil their own entry only, not the proxy's after them.
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_bytes(b"\xff\xfe, 203.0.113.9").expect("obs-text"),
+    );
+    assert_eq!(a.client_address(proxy, &headers), ip("203.0.113.9"));
     // A dual-stack listener sees an IPv4 proxy as ::ffff:a.b.c.d.
     assert_eq!(
         from("203.0.113.9", ip("::ffff:192.0.2.7")),
@@ -218,6 +225,41 @@ fn behind_proxies_that_write_forwarded_only_its_for_parameters_count() {
             "Forwarded: {value}"
         );
     }
+    // A second `for=` in one element (RFC 7239 allows one), say from a Host the proxy
+    // copied after its own: the element is refused, never its last `for=` believed.
+    assert_eq!(
+        from(&[(
+            "forwarded",
+            "for=198.51.100.1, for=203.0.113.5;host=a;for=6.6.6.6"
+        )]),
+        proxy
+    );
+    // What the RFC allows beside `for=` spoils nothing: odd `by=`, empty pairs, spaces,
+    // obfuscated ports.
+    for value in [
+        "for=203.0.113.5;by=_gw-1",
+        "for=203.0.113.5;",
+        "for=203.0.113.5 ;proto=https",
+        "for=\"203.0.113.5:_p1\"",
+        "proto=https;FOR=203.0.113.5",
+    ] {
+        assert_eq!(
+            from(&[("forwarded", value)]),
+            ip("203.0.113.5"),
+            "Forwarded: {value}"
+        );
+    }
+    // A client's opening quote or bytes that are not text spoil only its own piece.
+    assert_eq!(
+        from(&[("forwarded", "for=\"6.6.6.6, for=203.0.113.5")]),
+        ip("203.0.113.5")
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "forwarded",
+        HeaderValue::from_bytes(b"for=\"\xff\", for=203.0.113.5").expect("obs-text"),
+    );
+    assert_eq!(a.client_address(proxy, &headers), ip("203.0.113.5"));
     // The other header is a client's to write: not read.
     assert_eq!(from(&[("x-forwarded-for", "203.0.113.9")]), proxy);
     assert_eq!(
@@ -235,4 +277,94 @@ fn ipv6_clients_count_by_their_64() {
     assert_ne!(ClientKey::of(a), ClientKey::of(c));
     let mapped: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
     assert_eq!(ClientKey::of(mapped).to_string(), "192.0.2.1");
+}
+
+mod forwarding_properties {
+    use super::*;
+    use crate::admission::forwarded::canonical;
+    use proptest::prelude::*;
+
+    /// What a client may write into a forwarding header: pieces an attacker would try
+    /// (separators, quotes, `for=`, brackets, trusted and untrusted addresses, bytes that
+    /// are not text), in any order.
+    fn client_line() -> impl Strategy<Value = Vec<u8>> {
+        let piece = prop_oneof![
+            Just(b",".to_vec()),
+            Just(b";".to_vec()),
+            Just(b"\"".to_vec()),
+            Just(b"\\".to_vec()),
+            Just(b"for=".to_vec()),
+            Just(b"FOR =".to_vec()),
+            Just(b"by=_a-b".to_vec()),
+            Just(b"[".to_vec()),
+            Just(b"]".to_vec()),
+            Just(b":".to_vec()),
+            Just(b" ".to_vec()),
+            Just(b"unknown".to_vec()),
+            Just(b"_hidden".to_vec()),
+            Just(b"6.6.6.6".to_vec()),
+            Just(b"10.1.2.3".to_vec()),
+            Just(b"[2001:db8::6]:80".to_vec()),
+            (0x80u8..=0xff).prop_map(|b| vec![b]),
+            "[ -~]{0,6}".prop_map(String::into_bytes),
+        ];
+        proptest::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+    }
+
+    /// The client's address as the proxy writes it, for either header.
+    fn entry(addr: IpAddr, port: Option<u16>, header: ForwardedHeader) -> String {
+        let node = match (addr, port) {
+            (IpAddr::V4(v4), None) => v4.to_string(),
+            (IpAddr::V4(v4), Some(p)) => format!("{v4}:{p}"),
+            (IpAddr::V6(v6), None) => format!("[{v6}]"),
+            (IpAddr::V6(v6), Some(p)) => format!("[{v6}]:{p}"),
+        };
+        match header {
+            ForwardedHeader::XForwardedFor => node,
+            ForwardedHeader::Forwarded => format!("for=\"{node}\""),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        /// Whatever a client writes into the header, the trusted proxy's entry after it
+        /// (appended to the client's last line, or on a line of its own) decides the
+        /// address: the client is never counted as another one.
+        #[test]
+        fn what_a_client_writes_never_changes_its_address(
+            lines in proptest::collection::vec(client_line(), 0..3),
+            real in any::<IpAddr>(),
+            port in proptest::option::of(any::<u16>()),
+            forwarded in any::<bool>(),
+            own_line in any::<bool>(),
+        ) {
+            let trusted: ipnet::IpNet = "10.0.0.0/8".parse().expect("net");
+            let expected = canonical(real);
+            prop_assume!(!trusted.contains(&expected));
+            let header = if forwarded { ForwardedHeader::Forwarded } else { ForwardedHeader::XForwardedFor };
+            let a = admission(AdmissionLimits {
+                trusted_proxies: vec![trusted],
+                forwarded_header: header,
+                ..AdmissionLimits::default()
+            });
+            let name = if forwarded { "forwarded" } else { "x-forwarded-for" };
+            let mut lines = lines;
+            let appended = entry(real, port, header);
+            match lines.last_mut() {
+                Some(last) if !own_line => last.extend_from_slice(format!(", {appended}").as_bytes()),
+                _ => lines.push(appended.into_bytes()),
+            }
+            let mut headers = HeaderMap::new();
+            for line in &lines {
+                let value = HeaderValue::from_bytes(line);
+                prop_assume!(value.is_ok());
+                if let Ok(value) = value {
+                    headers.append(name, value);
+                }
+            }
+            let peer: IpAddr = "10.9.9.9".parse().expect("ip");
+            prop_assert_eq!(a.client_address(peer, &headers), expected);
+        }
+    }
 }

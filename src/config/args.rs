@@ -112,8 +112,9 @@ pub struct Args {
     #[arg(long, env = "MAX_EXCHANGES_PER_ADDRESS", default_value_t = 50)]
     pub max_exchanges_per_address: usize,
 
-    /// Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For is
-    /// believed, e.g. 10.0.0.0/8 for an ingress in the cluster. Empty: the TCP peer is the
+    /// Comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For (or
+    /// Forwarded, see FORWARDED_HEADER) is believed, e.g. 10.0.0.0/8 for an ingress in the
+    /// cluster. Empty: the TCP peer is the
     /// client (behind an ingress every client would then share its address).
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
