@@ -42,6 +42,13 @@ python3 deploy/mistakes.py
 echo "== module layering (no import cycles)"
 python3 scripts/module-cycles.py
 
+echo "== file sizes (no file under src/ over 400 lines, src/bin/ aside)"
+long=$(find src -name '*.rs' -not -path 'src/bin/*' -exec awk 'END { if (NR > 400) print FILENAME ": " NR " lines" }' {} \;)
+if [ -n "$long" ]; then
+  echo "$long: cut it by concept (STYLE: one concept per file)" >&2
+  exit 1
+fi
+
 echo "== cargo test (RabbitMQ $(rabbitmqctl -q version 2>/dev/null || echo '?'))"
 cargo test
 

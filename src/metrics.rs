@@ -356,50 +356,6 @@ impl Metrics {
         Self(std::sync::Arc::new(m))
     }
 
-    /// Counts a connection outcome (one of [`OUTCOMES`]).
-    pub fn connection(&self, outcome: &str) {
-        self.connections_total.with_label_values(&[outcome]).inc();
-    }
-
-    /// Counts an HTTP connection that ended with an error (kind one of [`HTTP_ERRORS`]).
-    pub fn http_error(&self, kind: &str) {
-        self.http_errors.with_label_values(&[kind]).inc();
-    }
-
-    /// Counts a client refused by a limit (reason one of [`REFUSAL_REASONS`]).
-    pub fn refused(&self, reason: &str) {
-        self.refused.with_label_values(&[reason]).inc();
-    }
-
-    /// Counts a resumable client's return (outcome one of [`RESUME_OUTCOMES`]).
-    pub fn resume(&self, outcome: &str) {
-        self.resumes.with_label_values(&[outcome]).inc();
-    }
-
-    /// Shows a configured limit (kind one of [`LIMITS`]).
-    pub fn set_limit(&self, kind: &str, value: usize) {
-        self.limit
-            .with_label_values(&[kind])
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
-    }
-
-    /// Counts a WebSocket handshake (outcome one of [`WS_HANDSHAKES`]).
-    pub fn websocket_handshake(&self, outcome: &str) {
-        self.websocket_handshakes
-            .with_label_values(&[outcome])
-            .inc();
-    }
-
-    /// Counts a WebSocket connection's end (one of [`WS_ENDS`]).
-    pub fn websocket_closed(&self, end: &str) {
-        self.websocket_closes.with_label_values(&[end]).inc();
-    }
-
-    /// Counts dropped messages (reason one of [`DROP_REASONS`]).
-    pub fn dropped(&self, reason: &str, n: u64) {
-        self.messages_dropped.with_label_values(&[reason]).inc_by(n);
-    }
-
     /// Every registered metric family, as gathered for an exposition.
     pub fn families(&self) -> Vec<prometheus::proto::MetricFamily> {
         self.registry.gather()

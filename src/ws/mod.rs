@@ -8,6 +8,7 @@
 //! slot like an SSE stream and becomes a [`session`]. See `protocol` for the frames and
 //! `named` for event names.
 
+mod feed;
 mod named;
 mod protocol;
 mod session;

@@ -1,7 +1,7 @@
 //! One WebSocket connection: its protocol state, its subscriptions, its timers.
 //!
 //! Each subscription is a registry client like an SSE stream (same subscriptions, same
-//! broker bindings, same frames, same limits) whose frames are read by a [`Tap`] at the
+//! broker bindings, same frames, same limits) whose frames are read by a tap (`feed.rs`) at the
 //! connection's pace instead of by a writer shard. The connection is one task: it reads
 //! the client's frames, the subscriptions' frames, and its timers in one `select!`, and
 //! writes in between, so a write never races another.
@@ -16,45 +16,27 @@
 //!   panic; dropping a subscription (unsubscribe, close) releases its registry membership
 //!   and its share of the address's limits at once.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures_util::{SinkExt, Stream, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, sleep_until};
 use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+use super::feed::{Event, Events, events};
 use super::protocol::{self, Fatal, close};
 use super::upgrade::Socket;
 use super::{Context, Kind, named};
 use crate::admission::Slot;
 use crate::connect::{Refused, log_refusal};
-use crate::message::{Frame, FrameKind};
-use crate::registry::Member;
-use crate::subscription::{Taken, Tap};
-use crate::topology::BindError;
+use crate::message::FrameKind;
 
 /// Most subscriptions one connection may hold (the UI holds one per socket).
 pub const MAX_SUBSCRIPTIONS: usize = 100;
-/// Most frames read from a subscription's log per write.
-const BATCH: usize = 64;
 /// Most bytes of `data` frames encoded before they are written: each is the client's own
 /// copy of its message, so a client that does not read holds at most this much of them.
 const BATCH_BYTES: usize = 256 * 1024;
-
-/// What a subscription says.
-enum Event {
-    /// Its bindings were confirmed by the broker, or one was refused.
-    Bound(Result<(), BindError>),
-    Frames(Vec<Frame>),
-    /// The log dropped this many frames before the client read them.
-    Lagged(u64),
-}
-
-type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
-/// The wait for a subscription's bindings to be confirmed.
-type Ready = Pin<Box<dyn Future<Output = Result<(), BindError>> + Send>>;
 
 /// How a connection ends.
 enum End {
@@ -412,35 +394,4 @@ fn code_label(code: u16) -> &'static str {
         close::SLOW => "1013",
         _ => "other",
     }
-}
-
-/// A subscription's events: its bindings' confirmation, then its frames as they come.
-/// Holds its tap and its registry membership: dropping it leaves the subscription.
-fn events(
-    tap: Tap,
-    member: Member,
-    ready: impl Future<Output = Result<(), BindError>> + Send + 'static,
-) -> Events {
-    struct Reader {
-        tap: Tap,
-        _member: Member,
-        ready: Option<Ready>,
-    }
-    let reader = Reader {
-        tap,
-        _member: member,
-        ready: Some(Box::pin(ready)),
-    };
-    Box::pin(futures_util::stream::unfold(reader, |mut r| async move {
-        if let Some(ready) = r.ready.take() {
-            let result = ready.await;
-            return Some((Event::Bound(result), r));
-        }
-        r.tap.changed().await;
-        let event = match r.tap.take(BATCH) {
-            Taken::Frames(frames) => Event::Frames(frames),
-            Taken::Lagged(missed) => Event::Lagged(missed),
-        };
-        Some((event, r))
-    }))
 }
