@@ -129,9 +129,10 @@ fn free_port() -> u16 {
 
 async fn start_on(port: u16) -> TestGateway {
     let flag = format!("--port={port}");
-    // The port may still be held by the draining gateway for a moment.
+    // The port may still be held by the draining gateway for a moment (its listener lingers
+    // at least 1 s, longer while streams finish; more on a busy machine).
     let free = || std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-    eventually(Duration::from_secs(2), free).await;
+    eventually(Duration::from_secs(10), free).await;
     TestGateway::start_embedded(&[&flag]).await
 }
 

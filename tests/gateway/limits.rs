@@ -15,6 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const GATEWAY: &str = env!("CARGO_BIN_EXE_events-gateway");
 /// The embedded broker, without demo traffic.
 const EMBEDDED: [&str; 2] = ["--amqp-url=", "--demo=false"];
+/// How soon an honest client beside an attack must be ready: it is served in
+/// milliseconds (printed), and the bound leaves room for a busy machine.
+const HONEST_WITHIN: Duration = Duration::from_secs(5);
 
 fn attacker() -> IpAddr {
     IpAddr::from([127, 0, 0, 2])
@@ -110,7 +113,7 @@ async fn lingering_resumable_subscriptions_stay_charged_to_the_address_that_left
     })
     .await;
     assert_eq!(gw.metric("events_gateway_exchanges").await, 50.0);
-    let took = honest_ready_within(gw.addr, "exchange/honest", Duration::from_secs(1)).await;
+    let took = honest_ready_within(gw.addr, "exchange/honest", HONEST_WITHIN).await;
 
     // Re-joining the lingering subscription costs a token each time, as creating one does.
     let names: Vec<String> = (0..50).map(|i| format!("exchange/linger/0/{i}")).collect();
@@ -248,7 +251,7 @@ async fn sockets_before_admission_cannot_use_up_the_descriptors() {
     let started = Instant::now();
     let mut checks = Vec::new();
     while started.elapsed() < Duration::from_secs(20) {
-        checks.push(honest_ready_within(gw.addr, "exchange/honest", Duration::from_secs(1)).await);
+        checks.push(honest_ready_within(gw.addr, "exchange/honest", HONEST_WITHIN).await);
         for (i, stream) in sockets.iter_mut().filter(|(i, _)| i % 2 == 1) {
             let again = format!("GET {path} HTTP/1.1\r\nHost: x\r\nLast-Event-Id: -\r\n\r\n");
             let mut sink = [0u8; 4096];
@@ -300,7 +303,7 @@ async fn half_sent_heads_from_one_address_do_not_buffer_without_bound() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss = gw.rss_kib();
-    let took = honest_ready_within(gw.addr, "exchange/honest", Duration::from_secs(1)).await;
+    let took = honest_ready_within(gw.addr, "exchange/honest", HONEST_WITHIN).await;
     eprintln!(
         "2,000 half-sent 60 KiB heads from one address: RSS {rss_before} -> {rss} KiB; honest ready after {took:?}"
     );
@@ -374,7 +377,7 @@ async fn entries_a_proxy_could_not_have_written_do_not_escape_the_limit(
             "{header}: {forwarded}"
         );
     }
-    honest_ready_within(gw.addr, "exchange/honest", Duration::from_secs(1)).await;
+    honest_ready_within(gw.addr, "exchange/honest", HONEST_WITHIN).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,9 @@ impl Haproxy {
             Variant::BoundedLoads(factor) => format!("{head}\n  hash-balance-factor {factor}"),
         };
         // Debian's HAProxy 2.6 has no `hash-key`: fixed server ids keep the ring stable.
+        // Checks every 200 ms (the tests wait for state changes), each given 2 s to answer:
+        // a gateway slow to answer on a busy machine must not leave the ring.
+        config.push_str("\n  timeout check 2s");
         config.push_str("\n  default-server check inter 200ms fall 1 rise 1 weight 100\n");
         for (i, (name, addr, enabled)) in servers.iter().enumerate() {
             let state = if *enabled { "" } else { " disabled" };
@@ -245,8 +248,10 @@ async fn place(
 ) -> (Vec<(usize, RawClient)>, BTreeMap<usize, BTreeSet<String>>) {
     let mut clients = Vec::new();
     let mut replicas: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
-    for _round in 0..10 {
-        let arrivals = join_all((0..30).map(|i| async move {
+    for round in 0..10 {
+        // Each round starts at another set: were the arrivals in order, round robin (30
+        // sets, 3 servers) would otherwise send a set to the same server every round.
+        let arrivals = join_all((0..30).map(|k| (k + round) % 30).map(|i| async move {
             let (raw, replica) = proxy.connect(&set_query(exchange, i), None).await;
             (i, raw, replica)
         }))

@@ -21,7 +21,8 @@ fn error(code: &str, message: &str) -> WsEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_and_close_codes_as_taskclusters_server_sends_them() {
-    let gw = TestGateway::start_embedded(&["--ws-init-timeout=300ms"]).await;
+    // 2 s for connection_init: enough for a busy machine, well inside the 5 s waits.
+    let gw = TestGateway::start_embedded(&["--ws-init-timeout=2s"]).await;
     let within = Duration::from_secs(5);
 
     // Fatal first frames: 4400 with Taskcluster's reasons.
@@ -187,7 +188,8 @@ fn raw_or_named(path: &str) -> serde_json::Value {
 async fn origins_lifetime_and_drain_close_as_the_ui_expects() {
     let gw = TestGateway::start_embedded(&[
         "--ws-allowed-origins=https://tc.example.com, https://other.example.com/",
-        "--ws-lifetime=1s",
+        // Long enough for the drain below to come first on a busy machine.
+        "--ws-lifetime=3s",
     ])
     .await;
     assert_eq!(
@@ -230,7 +232,7 @@ async fn origins_lifetime_and_drain_close_as_the_ui_expects() {
 
     let mut old = WsClient::ready(gw.addr, RAW).await;
     assert_eq!(
-        old.next(Duration::from_secs(5)).await,
+        old.next(Duration::from_secs(10)).await,
         WsEvent::Closed(4408, "Connection lifetime exceeded".to_owned())
     );
     let mut client = WsClient::ready(gw.addr, RAW).await;
