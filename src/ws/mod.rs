@@ -2,14 +2,17 @@
 //! the one its UI uses since 2026, served from the same registry, subscriptions, broker
 //! bindings and limits as the SSE endpoint.
 //!
-//! A handshake is answered by warp (its WebSocket filter) on the hyper path of the server
-//! loop: an `Origin` outside `WS_ALLOWED_ORIGINS` gets 403, a draining or full gateway
-//! 503 (the UI retries with its backoff), otherwise the connection takes an admission
-//! slot like an SSE stream and becomes a [`session`]. See `protocol` for the frames and
-//! `named` for event names.
+//! A handshake is answered by a route in warp's route table on the hyper path of the
+//! server loop, with our own upgrade (`upgrade`, for its small buffers): an `Origin`
+//! outside `WS_ALLOWED_ORIGINS` gets 403, a draining or full gateway 503 (the UI retries
+//! with its backoff), otherwise the connection takes an admission slot like an SSE stream
+//! and becomes a [`session`], its subscriptions read through `feed`. See `protocol` for
+//! the frames and `named` for event names.
 
 mod feed;
 mod named;
+#[cfg(test)]
+mod properties;
 mod protocol;
 mod session;
 mod upgrade;
